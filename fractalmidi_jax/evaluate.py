@@ -1,0 +1,210 @@
+"""Evaluation command line: judge MIDI files from any generator.
+
+    python -m fractalmidi_jax.evaluate music --generated DIR --reference LIST_OR_DIR \\
+        [--out OUT.json] [--png OUT.png] [--bootstrap 500] [--seed 0]
+    python -m fractalmidi_jax.evaluate copying --generated DIR --train LIST_OR_DIR \\
+        [--threshold 0.8] [--max-shift 12] [--out OUT.json]
+
+A folder argument means every *.mid / *.midi under it (recursively); a .txt argument is
+a list of paths, one per line, relative ones resolved against the list's folder.
+Unreadable files are skipped with a one-line reason on stderr. The statistics and the
+algorithms are described in fractalmidi_jax/music_stats.py.
+
+Each subcommand is an `_add_<name>(subparsers)` function that declares its arguments
+and sets `func` to the `_run_<name>(args)` function that carries it out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+from fractalmidi_jax import music_stats
+
+GENERATED_COLOUR = (230, 120, 30)
+REFERENCE_COLOUR = (40, 100, 190)
+
+
+def _load(source: str, what: str):
+    """(name, notes) pairs of the files named by a folder or list, reporting skips."""
+    loaded, skipped = music_stats.load_notes(music_stats.midi_paths(source))
+    for path, reason in skipped:
+        print(f"skip {path}: {reason}", file=sys.stderr)
+    if not loaded:
+        raise SystemExit(f"error: no readable MIDI file in --{what} {source}")
+    return loaded, skipped
+
+
+def _write_json(path: str, result: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {path}")
+
+
+def _fmt(x, ci=None, digits: str = ".3g") -> str:
+    """'x [lo, hi]', or '-' when x is undefined."""
+    if x is None:
+        return "-"
+    text = format(x, digits)
+    if ci is not None and ci[0] is not None:
+        text += f" [{ci[0]:{digits}}, {ci[1]:{digits}}]"
+    return text
+
+
+def music_table(result: dict) -> str:
+    """The comparison as a fixed-width text table."""
+    gen = result["sets"]["generated"]["features"]
+    ref = result["sets"]["reference"]["features"]
+    rows = [("feature", "generated mean [95% CI]", "reference mean [95% CI]", "OA [95% CI]")]
+    for name, cmp in result["features"].items():
+        rows.append(
+            (
+                name,
+                _fmt(gen[name]["mean"], gen[name]["mean_ci"]),
+                _fmt(ref[name]["mean"], ref[name]["mean_ci"]),
+                _fmt(cmp["oa"], cmp["oa_ci"], ".3f"),
+            )
+        )
+    rows.append(("mean OA", "", "", _fmt(result["mean_oa"], result["mean_oa_ci"], ".3f")))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def draw_histograms(result: dict, path: str, columns: int = 3, panel=(440, 230)) -> None:
+    """One PNG: a panel per feature with the generated and reference histograms side by side."""
+    font = ImageFont.load_default()
+    names = list(result["features"])
+    rows = -(-len(names) // columns)
+    width, height = panel
+    header = 36
+    image = Image.new("RGB", (columns * width, header + rows * height), "white")
+    draw = ImageDraw.Draw(image)
+    sets = result["sets"]
+    draw.rectangle((10, 12, 22, 24), fill=GENERATED_COLOUR)
+    draw.text((28, 12), f"generated ({sets['generated']['files']} files)", fill="black", font=font)
+    draw.rectangle((230, 12, 242, 24), fill=REFERENCE_COLOUR)
+    draw.text((248, 12), f"reference ({sets['reference']['files']} files)", fill="black", font=font)
+    draw.text((470, 12), f"mean OA {_fmt(result['mean_oa'], digits='.3f')}", fill="black", font=font)
+    for index, name in enumerate(names):
+        left = (index % columns) * width
+        top = header + (index // columns) * height
+        cmp = result["features"][name]
+        draw.text((left + 10, top + 4), f"{name}   OA {_fmt(cmp['oa'], cmp['oa_ci'], '.3f')}", fill="black", font=font)
+        _draw_panel(
+            draw,
+            font,
+            (left + 30, top + 22, left + width - 14, top + height - 30),
+            sets["generated"]["features"][name]["histogram"],
+            sets["reference"]["features"][name]["histogram"],
+            cmp["bins"],
+        )
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    print(f"wrote {path}")
+
+
+def _draw_panel(draw, font, box, gen_hist, ref_hist, labels) -> None:
+    """Paired bars per bin, scaled to the tallest bar; the first, middle and last bin labelled."""
+    x0, y0, x1, y1 = box
+    draw.line((x0, y1, x1, y1), fill="black")
+    draw.line((x0, y0, x0, y1), fill="black")
+    peak = max(max(gen_hist), max(ref_hist)) or 1.0
+    draw.text((x0 - 26, y0 - 2), f"{peak:.2f}", fill="gray", font=font)
+    slot = (x1 - x0) / len(labels)
+    bar = max(slot / 2 - 1, 1)
+    for i, (g, r) in enumerate(zip(gen_hist, ref_hist)):
+        left = x0 + i * slot + 1
+        for offset, value, colour in ((0, g, GENERATED_COLOUR), (bar, r, REFERENCE_COLOUR)):
+            if value > 0:
+                top = min(y1 - (y1 - y0) * value / peak, y1 - 1)
+                draw.rectangle((left + offset, top, left + offset + bar - 1, y1 - 1), fill=colour)
+    for i in sorted({0, len(labels) // 2, len(labels) - 1}):
+        draw.text((x0 + i * slot, y1 + 4), labels[i], fill="black", font=font)
+
+
+def _add_music(subparsers) -> None:
+    p = subparsers.add_parser("music", help="music statistics of two sets of MIDI files and their overlap")
+    p.add_argument("--generated", required=True, help="folder or .txt list of generated MIDI files")
+    p.add_argument("--reference", required=True, help="folder or .txt list of reference MIDI files")
+    p.add_argument("--out", help="write the full result as JSON here")
+    p.add_argument("--png", help="write the histograms of both sets here")
+    p.add_argument("--bootstrap", type=int, default=500, help="bootstrap draws (files resampled with replacement)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_run_music)
+
+
+def _run_music(args) -> None:
+    generated = music_stats.set_stats(*_load(args.generated, "generated"))
+    reference = music_stats.set_stats(*_load(args.reference, "reference"))
+    result = music_stats.compare(generated, reference, bootstrap=args.bootstrap, seed=args.seed)
+    result["sets"]["generated"]["source"] = args.generated
+    result["sets"]["reference"]["source"] = args.reference
+    print(f"generated: {len(generated.files)} files ({len(generated.skipped)} skipped), "
+          f"reference: {len(reference.files)} files ({len(reference.skipped)} skipped), "
+          f"{args.bootstrap} bootstrap draws")
+    print(music_table(result))
+    if args.out:
+        _write_json(args.out, result)
+    if args.png:
+        draw_histograms(result, args.png)
+
+
+def _add_copying(subparsers) -> None:
+    p = subparsers.add_parser("copying", help="near copies of training bars among generated bars")
+    p.add_argument("--generated", required=True, help="folder or .txt list of generated MIDI files")
+    p.add_argument("--train", required=True, help="folder or .txt list of the training MIDI files")
+    p.add_argument("--threshold", type=float, default=0.8, help="IoU at or above which a bar is a near copy")
+    p.add_argument("--max-shift", type=int, default=12, help="pitch shifts -max..max semitones are tried")
+    p.add_argument("--min-cells", type=int, default=1, help="generated bars with fewer sounding cells are not checked")
+    p.add_argument("--out", help="write the full result (every bar's best match) as JSON here")
+    p.set_defaults(func=_run_copying)
+
+
+def _run_copying(args) -> None:
+    start = time.perf_counter()
+    generated, _ = _load(args.generated, "generated")
+    train, _ = _load(args.train, "train")
+    loaded = time.perf_counter()
+    result = music_stats.copying_check(
+        generated, train, threshold=args.threshold, max_shift=args.max_shift, min_cells=args.min_cells
+    )
+    result["seconds_reading"] = loaded - start
+    result["seconds_search"] = time.perf_counter() - loaded
+    print(
+        f"{result['checked_bars']} of {result['generated_bars']} generated bars checked (>= {args.min_cells} cells) "
+        f"vs {result['train_bars']} training bars ({result['distinct_train_bars']} distinct), "
+        f"shifts +-{args.max_shift}: "
+        f"{result['near_copies']} near copies (IoU >= {args.threshold}), "
+        f"fraction {_fmt(result['near_copy_fraction'])}, mean best IoU {_fmt(result['mean_best_iou'])}; "
+        f"read {result['seconds_reading']:.1f} s, search {result['seconds_search']:.1f} s"
+    )
+    for bar in sorted(result["bars"], key=lambda b: -b["best_iou"])[:5]:
+        print(
+            f"  IoU {bar['best_iou']:.3f}: {bar['file']} bar {bar['bar']} ({bar['cells']} cells) ~ "
+            f"{bar['train_file']} bar {bar['train_bar']} shifted {bar['shift']:+d}"
+        )
+    if args.out:
+        _write_json(args.out, result)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m fractalmidi_jax.evaluate", description=__doc__.split("\n")[0])
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_music(subparsers)
+    _add_copying(subparsers)
+    # New subcommands (e.g. `nll`, scoring a checkpoint on held-out rolls) register here.
+    return parser
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,431 @@
+"""Music statistics of sets of MIDI files, their comparison, and a copying check.
+
+Everything here reads MIDI files only (through `midi.read_score`), so it can judge any
+generator. Time is the sixteenth-note grid of read_score; step 0 is taken as a
+downbeat, a bar is 16 steps (4/4) and a window is 8 bars (128 steps, one training
+crop). A file has ceil(last note end / 16) bars: a MIDI file says nothing about
+silence after its last note, so trailing empty bars are not seen.
+
+Features (FEATURES; each value below is one sample of the feature's distribution):
+- notes_per_bar: notes starting in each bar (every bar of the file, empty ones too).
+- polyphony: distinct pitches sounding at each step where any sounds.
+- pitch_range, pitch_mean, pitch_std: max - min, mean and (population) std of the
+  pitches of the notes starting in each 8-bar window that has any. Windows are the
+  whole 8-bar windows from step 0; a file shorter than 8 bars is one window.
+- pitch_class: pitch % 12 of each note (categorical: no mean).
+- velocity, note_length (end - onset, steps): one value per note.
+- ioi: steps between successive distinct onset steps of the file.
+- empty_bar: 1 for a bar in which no note sounds, else 0 (its mean is the fraction).
+- sounding_share: sounding (pitch, step) cells / (128 x steps) of each window.
+
+Per file we keep, for every feature, its histogram counts over fixed bins shared by
+all sets, and (count, sum, sum of squares) of its values. A set's distribution and
+summary (mean, std) pool the values of its files, each value weighing the same (so
+the mean IOI is over all intervals: busy windows weigh more than in a mean of
+per-window means). Resampling files for the bootstrap is then a weighted sum of these
+per-file rows (one matrix product per feature).
+
+Comparison (Yang & Lerch 2020 style): the overlapping area of the two distributions,
+computed on the shared histograms normalised to sum 1: OA = sum_i min(p_i, q_i)
+(1 = same distribution, 0 = disjoint), not on kernel density estimates. Confidence
+intervals are 95% percentile bootstrap intervals: files of each set are resampled
+with replacement, independently per set. Resampling adds noise to both histograms,
+and noise lowers the overlap of alike distributions, so when the two sets are
+near-identical (OA close to 1) the OA draws sit mostly below the point estimate and
+the interval may end at it. Judge a model's OA against the OA of real-vs-real data
+(the ceiling), at similar set sizes.
+
+Copying check (copying_check): a bar is its binarised sounding cells, 16 steps x 128
+pitches (so a held note counts in every step it sounds, not only at its onset). For
+each generated bar (empty bars, or bars under min_cells cells, are left out) we find
+the training bar and pitch shift d in [-max_shift, max_shift] with the highest
+intersection over union (IoU) of cells, the generated bar shifted by d (cells shifted
+out of 0..127 dropped). The search is exact and brute force, as dense matrix
+products: the 2 max_shift + 1 shifted copies of the generated bars are the rows of a
+float32 matrix, the training bars (kept bit-packed, unpacked a block at a time) its
+columns, so one product gives every intersection and |A u B| = |A| + |B| - |A n B|.
+Two exact savings: identical training bars are searched once (POP909 repeats itself:
+~20% of its bars), and only the pitches that some training bar uses are multiplied
+(a generated cell elsewhere can meet nothing, but still counts in |A|). For 512 bars
+against POP909 train (~54k distinct bars, 83 pitches, max_shift 12) that is ~1.5e12
+multiply-adds: under a minute on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from fractalmidi_jax import midi
+
+BAR_STEPS = 16
+WINDOW_STEPS = 128
+BAR_CELLS = BAR_STEPS * midi.NUM_PITCHES
+CI_LEVEL = 0.95
+
+
+@dataclasses.dataclass(frozen=True)
+class Feature:
+    """A feature and its fixed binning: bin i is [edges[i], edges[i+1]), the last bin is
+    [edges[-1], inf); values below edges[0] count in bin 0."""
+
+    name: str
+    description: str
+    edges: tuple[float, ...]
+    integer: bool = True  # integer values: bins are labelled by their integer ranges
+    categorical: bool = False  # no meaningful mean (pitch class)
+
+    def bin_of(self, values: np.ndarray) -> np.ndarray:
+        """The bin index of each value."""
+        index = np.searchsorted(np.asarray(self.edges), values, side="right") - 1
+        return np.clip(index, 0, len(self.edges) - 1)
+
+    def labels(self) -> list[str]:
+        """Readable bin names for tables and plots."""
+        edges = self.edges
+        if not self.integer:
+            spans = [f"{a:g}-{b:g}" for a, b in zip(edges[:-1], edges[1:])]
+            return spans + [f">={edges[-1]:g}"]
+        spans = [str(a) if b - a == 1 else f"{a}-{b - 1}" for a, b in zip(edges[:-1], edges[1:])]
+        return spans + [f"{edges[-1]}+"]
+
+
+_LOG_STEPS = (1, 2, 3, 4, 5, 7, 9, 13, 17)  # 1, 2, 3, 4, 5-6, 7-8, 9-12, 13-16, >16 steps
+
+FEATURES: tuple[Feature, ...] = (
+    Feature("notes_per_bar", "notes starting per bar", tuple(range(0, 97, 4))),
+    Feature("polyphony", "pitches sounding per sounding step", tuple(range(1, 17))),
+    Feature("pitch_range", "max - min pitch per 8-bar window, semitones", tuple(range(0, 128, 4))),
+    Feature("pitch_mean", "mean pitch per 8-bar window", tuple(range(0, 128, 4))),
+    Feature("pitch_std", "pitch std per 8-bar window, semitones", tuple(range(0, 33))),
+    Feature("pitch_class", "pitch class of each note (0 = C)", tuple(range(12)), categorical=True),
+    Feature("velocity", "velocity of each note", tuple(range(0, 128, 8))),
+    Feature("note_length", "note length, steps", _LOG_STEPS),
+    Feature("ioi", "steps between successive onset steps", _LOG_STEPS),
+    Feature("empty_bar", "1 if no note sounds in the bar", (0, 1)),
+    Feature(
+        "sounding_share",
+        "sounding cells / (128 x steps) per 8-bar window",
+        tuple(round(0.005 * i, 3) for i in range(21)),
+        integer=False,
+    ),
+)
+FEATURE_BY_NAME = {f.name: f for f in FEATURES}
+
+
+def midi_paths(source) -> list[Path]:
+    """A folder -> its *.mid / *.midi files (recursively, sorted); a .txt file -> the
+    paths it lists, one per line (blank lines skipped, relative paths resolved against
+    the list's folder)."""
+    source = Path(source)
+    if source.is_dir():
+        return sorted(p for p in source.rglob("*") if p.suffix.lower() in (".mid", ".midi") and p.is_file())
+    if source.suffix.lower() == ".txt":
+        lines = (line.strip() for line in source.read_text().splitlines())
+        return [source.parent / line for line in lines if line]
+    raise ValueError(f"{source}: expected a folder of MIDI files or a .txt list of paths")
+
+
+def load_notes(paths: Sequence[Path], options: midi.ReadOptions = midi.ReadOptions()):
+    """Read each file's notes; returns ([(path, notes)], [(path, one-line reason)])."""
+    loaded, skipped = [], []
+    for path in paths:
+        try:
+            loaded.append((str(path), midi.read_score(path, options).notes))
+        except midi.MidiError as err:
+            skipped.append((str(path), str(err)))
+    return loaded, skipped
+
+
+def sounding_cells(notes: np.ndarray, num_steps: int) -> np.ndarray:
+    """bool [num_steps, 128]: True where any note of that pitch sounds (overlapping
+    notes of one pitch simply overlap; no roll encoding gaps)."""
+    delta = np.zeros((num_steps + 1, midi.NUM_PITCHES), np.int32)
+    np.add.at(delta, (notes[:, 0], notes[:, 2]), 1)
+    np.add.at(delta, (np.minimum(notes[:, 1], num_steps), notes[:, 2]), -1)
+    return np.cumsum(delta[:-1], axis=0) > 0
+
+
+def num_bars(notes: np.ndarray) -> int:
+    """Bars up to the last note end."""
+    return -(-int(notes[:, 1].max()) // BAR_STEPS)
+
+
+def feature_values(notes: np.ndarray) -> dict[str, np.ndarray]:
+    """Every feature's values (samples) for one file's notes (int [N, 4], N >= 1)."""
+    onset, end, pitch, velocity = (notes[:, i].astype(np.int64) for i in range(4))
+    bars = num_bars(notes)
+    cells = sounding_cells(notes, bars * BAR_STEPS)
+    per_step = cells.sum(axis=1)
+
+    window = min(WINDOW_STEPS, bars * BAR_STEPS)
+    windows = bars * BAR_STEPS // window
+    in_window = onset < windows * window
+    w = onset[in_window] // window
+    p = pitch[in_window]
+    count = np.bincount(w, minlength=windows)
+    lowest = np.full(windows, midi.NUM_PITCHES)
+    highest = np.full(windows, -1)
+    np.minimum.at(lowest, w, p)
+    np.maximum.at(highest, w, p)
+    used = count > 0
+    mean = np.bincount(w, p, minlength=windows)[used] / count[used]
+    square = np.bincount(w, p * p, minlength=windows)[used] / count[used]
+
+    return {
+        "notes_per_bar": np.bincount(onset // BAR_STEPS, minlength=bars),
+        "polyphony": per_step[per_step > 0],
+        "pitch_range": (highest - lowest)[used],
+        "pitch_mean": mean,
+        "pitch_std": np.sqrt(np.maximum(square - mean * mean, 0.0)),
+        "pitch_class": pitch % 12,
+        "velocity": velocity,
+        "note_length": end - onset,
+        "ioi": np.diff(np.unique(onset)),
+        "empty_bar": (~cells.reshape(bars, BAR_CELLS).any(axis=1)).astype(np.int64),
+        "sounding_share": cells[: windows * window].reshape(windows, -1).mean(axis=1),
+    }
+
+
+@dataclasses.dataclass
+class SetStats:
+    """Per-file sufficient statistics of every feature, so that files can be resampled
+    without recomputing anything."""
+
+    files: list[str]
+    skipped: list[tuple[str, str]]
+    counts: dict[str, np.ndarray]  # feature -> int [files, bins] histogram counts
+    moments: dict[str, np.ndarray]  # feature -> float [files, 3]: number of values, sum, sum of squares
+
+
+def set_stats(named_notes: Sequence[tuple[str, np.ndarray]], skipped=()) -> SetStats:
+    """SetStats of (name, notes) pairs; `skipped` is carried along for reporting."""
+    counts = {f.name: np.zeros((len(named_notes), len(f.edges)), np.int64) for f in FEATURES}
+    moments = {f.name: np.zeros((len(named_notes), 3)) for f in FEATURES}
+    for i, (_, notes) in enumerate(named_notes):
+        for name, values in feature_values(notes).items():
+            values = values.astype(np.float64)
+            counts[name][i] = np.bincount(FEATURE_BY_NAME[name].bin_of(values), minlength=counts[name].shape[1])
+            moments[name][i] = (values.size, values.sum(), (values * values).sum())
+    return SetStats([name for name, _ in named_notes], list(skipped), counts, moments)
+
+
+def overlapping_area(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """OA = sum_i min(p_i, q_i) of histograms normalised to sum 1, over the last axis
+    (NaN where either histogram is empty)."""
+    p = np.asarray(p, np.float64)
+    q = np.asarray(q, np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = p / p.sum(axis=-1, keepdims=True)
+        q = q / q.sum(axis=-1, keepdims=True)
+    return np.minimum(p, q).sum(axis=-1)
+
+
+def _mean_std(moments: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pooled mean and std from summed (n, sum, sum of squares) along the last axis."""
+    n, total, square = moments[..., 0], moments[..., 1], moments[..., 2]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = total / n
+        return mean, np.sqrt(np.maximum(square / n - mean * mean, 0.0))
+
+
+def _resample_weights(num_files: int, draws: int, rng: np.random.Generator) -> np.ndarray:
+    """float [draws, files]: how often each file is picked when resampling with replacement."""
+    return rng.multinomial(num_files, np.full(num_files, 1.0 / num_files), size=draws).astype(np.float64)
+
+
+def _interval(draws: np.ndarray) -> list[float | None]:
+    """The central CI_LEVEL percentile interval of bootstrap draws (NaN draws ignored)."""
+    tail = 50.0 * (1.0 - CI_LEVEL)
+    finite = draws[np.isfinite(draws)]
+    if not finite.size:
+        return [None, None]
+    return [float(np.percentile(finite, tail)), float(np.percentile(finite, 100.0 - tail))]
+
+
+def _number(x) -> float | None:
+    """A JSON-friendly float (None for NaN)."""
+    x = float(x)
+    return x if np.isfinite(x) else None
+
+
+def summarize(stats: SetStats, weights: np.ndarray) -> dict:
+    """Per feature: pooled mean, std, number of values, histogram (sums to 1) and a
+    bootstrap CI of the mean from `weights` [draws, files]."""
+    out = {}
+    for feature in FEATURES:
+        counts = stats.counts[feature.name].sum(axis=0)
+        moments = stats.moments[feature.name]
+        mean, std = _mean_std(moments.sum(axis=0))
+        boot_mean, _ = _mean_std(weights @ moments)
+        has_mean = not feature.categorical
+        out[feature.name] = {
+            "mean": _number(mean) if has_mean else None,
+            "std": _number(std) if has_mean else None,
+            "mean_ci": _interval(boot_mean) if has_mean else [None, None],
+            "values": int(moments[:, 0].sum()),
+            "histogram": (counts / max(counts.sum(), 1)).tolist(),
+        }
+    return out
+
+
+def compare(generated: SetStats, reference: SetStats, bootstrap: int = 500, seed: int = 0) -> dict:
+    """Summaries of both sets and, per feature, the OA of their distributions with a
+    bootstrap CI; also the mean OA over features (with CI from the same draws)."""
+    if not generated.files or not reference.files:
+        raise ValueError("both sets need at least one readable file")
+    rng = np.random.default_rng(seed)
+    gen_weights = _resample_weights(len(generated.files), bootstrap, rng)
+    ref_weights = _resample_weights(len(reference.files), bootstrap, rng)
+    oa, boot_oa = {}, []
+    for feature in FEATURES:
+        gen_counts, ref_counts = generated.counts[feature.name], reference.counts[feature.name]
+        oa[feature.name] = float(overlapping_area(gen_counts.sum(axis=0), ref_counts.sum(axis=0)))
+        boot_oa.append(overlapping_area(gen_weights @ gen_counts, ref_weights @ ref_counts))
+    boot_oa = np.stack(boot_oa, axis=1)  # [draws, features]
+    return {
+        "oa_method": "histogram overlap: sum_i min(p_i, q_i) over shared bins, each histogram normalised to sum 1",
+        "bootstrap": bootstrap,
+        "seed": seed,
+        "ci_level": CI_LEVEL,
+        "sets": {
+            "generated": _set_header(generated) | {"features": summarize(generated, gen_weights)},
+            "reference": _set_header(reference) | {"features": summarize(reference, ref_weights)},
+        },
+        "features": {
+            f.name: {
+                "description": f.description,
+                "bins": f.labels(),
+                "oa": _number(oa[f.name]),
+                "oa_ci": _interval(boot_oa[:, i]),
+            }
+            for i, f in enumerate(FEATURES)
+        },
+        "mean_oa": _number(_finite_mean(np.array(list(oa.values())))),
+        "mean_oa_ci": _interval(_finite_mean(boot_oa)),
+    }
+
+
+def _finite_mean(x: np.ndarray) -> np.ndarray:
+    """Mean over the last axis of the finite entries (a feature without values in a
+    resample has no OA); NaN where there is none."""
+    finite = np.isfinite(x)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(finite, x, 0.0).sum(axis=-1) / finite.sum(axis=-1)
+
+
+def _set_header(stats: SetStats) -> dict:
+    return {"files": len(stats.files), "skipped": [list(s) for s in stats.skipped]}
+
+
+def bar_cells(notes: np.ndarray) -> np.ndarray:
+    """bool [bars, 16, 128]: each bar's sounding cells (step-major)."""
+    bars = num_bars(notes)
+    return sounding_cells(notes, bars * BAR_STEPS).reshape(bars, BAR_STEPS, midi.NUM_PITCHES)
+
+
+def _shifted(bars: np.ndarray, max_shift: int) -> np.ndarray:
+    """bool [bars, 2 max_shift + 1, 16, 128]: each bar moved by -max_shift..max_shift
+    semitones, cells moved out of 0..127 dropped."""
+    out = np.zeros((bars.shape[0], 2 * max_shift + 1) + bars.shape[1:], bool)
+    for k, d in enumerate(range(-max_shift, max_shift + 1)):
+        if d >= 0:
+            out[:, k, :, d:] = bars[:, :, : midi.NUM_PITCHES - d]
+        else:
+            out[:, k, :, :d] = bars[:, :, -d:]
+    return out
+
+
+def copying_check(
+    generated: Sequence[tuple[str, np.ndarray]],
+    train: Sequence[tuple[str, np.ndarray]],
+    threshold: float = 0.8,
+    max_shift: int = 12,
+    min_cells: int = 1,
+    gen_block: int = 256,
+    train_block: int = 4096,
+) -> dict:
+    """For each generated bar with at least min_cells sounding cells, its best IoU with
+    any non-empty training bar under pitch shifts -max_shift..max_shift (see the module
+    docstring), and the fraction of those bars with IoU >= threshold (near copies).
+    Inputs are (name, notes) pairs; bars are reported as (name, bar index)."""
+    gen_bars, gen_where = _bars(generated, min_cells)
+    train_packed, train_where = _bars(train, 1, packed=True)
+    if not len(train_packed):
+        raise ValueError("the training set has no non-empty bar")
+    train_bars = len(train_packed)
+    train_packed, first = np.unique(train_packed, axis=0, return_index=True)
+    train_where = [train_where[i] for i in first]
+    pitch_used = np.unpackbits(np.bitwise_or.reduce(train_packed, axis=0)).reshape(BAR_STEPS, -1).any(axis=0)
+    columns = np.flatnonzero(np.tile(pitch_used, BAR_STEPS))
+    shifts = 2 * max_shift + 1
+    best_iou = np.zeros((len(gen_bars), shifts), np.float32)
+    best_bar = np.zeros((len(gen_bars), shifts), np.int64)
+    for g in range(0, len(gen_bars), gen_block):
+        rows = _shifted(gen_bars[g : g + gen_block], max_shift).reshape(-1, BAR_CELLS)
+        row_size = rows.sum(axis=1, dtype=np.float32)
+        rows = rows[:, columns].astype(np.float32)
+        iou_rows = np.zeros(len(rows), np.float32)
+        bar_rows = np.zeros(len(rows), np.int64)
+        for t in range(0, len(train_packed), train_block):
+            block = np.unpackbits(train_packed[t : t + train_block], axis=1)[:, columns].astype(np.float32)
+            inter = rows @ block.T
+            iou = np.add.outer(row_size, block.sum(axis=1))
+            iou -= inter
+            np.divide(inter, iou, out=iou)
+            j = iou.argmax(axis=1)
+            value = iou[np.arange(len(rows)), j]
+            better = value > iou_rows
+            iou_rows[better] = value[better]
+            bar_rows[better] = t + j[better]
+        best_iou[g : g + gen_block] = iou_rows.reshape(-1, shifts)
+        best_bar[g : g + gen_block] = bar_rows.reshape(-1, shifts)
+
+    k = best_iou.argmax(axis=1)
+    iou = best_iou[np.arange(len(gen_bars)), k]
+    source = best_bar[np.arange(len(gen_bars)), k]
+    cells = gen_bars.sum(axis=(1, 2))
+    per_bar = [
+        {
+            "file": generated[gen_where[i][0]][0],
+            "bar": gen_where[i][1],
+            "cells": int(cells[i]),
+            "best_iou": float(iou[i]),
+            "train_file": train[train_where[source[i]][0]][0],
+            "train_bar": train_where[source[i]][1],
+            "shift": int(k[i]) - max_shift,
+        }
+        for i in range(len(gen_bars))
+    ]
+    near = int((iou >= threshold).sum())
+    return {
+        "representation": "sounding cells, 16 steps x 128 pitches per bar",
+        "threshold": threshold,
+        "max_shift": max_shift,
+        "min_cells": min_cells,
+        "generated_bars": sum(num_bars(notes) for _, notes in generated),
+        "checked_bars": len(gen_bars),
+        "train_bars": train_bars,
+        "distinct_train_bars": len(train_packed),
+        "near_copies": near,
+        "near_copy_fraction": _number(near / len(gen_bars)) if len(gen_bars) else None,
+        "mean_best_iou": _number(iou.mean()) if len(gen_bars) else None,
+        "bars": per_bar,
+    }
+
+
+def _bars(named_notes, min_cells: int, packed: bool = False):
+    """The bars with at least min_cells sounding cells of all files, stacked (bool
+    [bars, 16, 128], or bit-packed uint8 [bars, 256] to keep a large training set
+    small), and (file index, bar index) of each."""
+    out = [np.zeros((0, BAR_CELLS // 8), np.uint8) if packed else np.zeros((0, BAR_STEPS, midi.NUM_PITCHES), bool)]
+    where = []
+    for i, (_, notes) in enumerate(named_notes):
+        bars = bar_cells(notes)
+        keep = np.flatnonzero(bars.reshape(len(bars), -1).sum(axis=1) >= max(min_cells, 1))
+        out.append(np.packbits(bars[keep].reshape(len(keep), -1), axis=1) if packed else bars[keep])
+        where.extend((i, b) for b in keep.tolist())
+    return np.concatenate(out), where
