@@ -32,7 +32,9 @@ def default_root() -> Path:
     return Path(cache) / "bach_chorales"
 
 
-def prepare_bach_corpus(root: Path | None = None, workers: int | None = None, limit: int | None = None) -> Path:
+def prepare_bach_corpus(
+    root: Path | None = None, workers: int | None = None, limit: int | None = None
+) -> Path:
     """Convert music21's Bach works to MIDI under root (once) and return root.
 
     limit converts only the first `limit` works (sorted by path), for tests."""
@@ -68,7 +70,13 @@ def prepare_bach_corpus(root: Path | None = None, workers: int | None = None, li
     train = [name for name in done if not _is_valid(name)]
     _write_atomic(root / "train.txt", "".join(f"{name}\n" for name in train))
     _write_atomic(root / "valid.txt", "".join(f"{name}\n" for name in valid))
-    marker = {"version": _VERSION, "limit": limit, "train": len(train), "valid": len(valid), "skipped": sorted(failures)}
+    marker = {
+        "version": _VERSION,
+        "limit": limit,
+        "train": len(train),
+        "valid": len(valid),
+        "skipped": sorted(failures),
+    }
     _write_atomic(root / MARKER, json.dumps(marker, indent=1))
     return root
 

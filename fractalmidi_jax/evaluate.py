@@ -94,7 +94,12 @@ def draw_histograms(result: dict, path: str, columns: int = 3, panel=(440, 230))
         left = (index % columns) * width
         top = header + (index // columns) * height
         cmp = result["features"][name]
-        draw.text((left + 10, top + 4), f"{name}   OA {_fmt(cmp['oa'], cmp['oa_ci'], '.3f')}", fill="black", font=font)
+        draw.text(
+            (left + 10, top + 4),
+            f"{name}   OA {_fmt(cmp['oa'], cmp['oa_ci'], '.3f')}",
+            fill="black",
+            font=font,
+        )
         _draw_panel(
             draw,
             font,
@@ -133,7 +138,9 @@ def _add_music(subparsers) -> None:
     p.add_argument("--reference", required=True, help="folder or .txt list of reference MIDI files")
     p.add_argument("--out", help="write the full result as JSON here")
     p.add_argument("--png", help="write the histograms of both sets here")
-    p.add_argument("--bootstrap", type=int, default=500, help="bootstrap draws (files resampled with replacement)")
+    p.add_argument(
+        "--bootstrap", type=int, default=500, help="bootstrap draws (files resampled with replacement)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_run_music)
 
@@ -144,9 +151,11 @@ def _run_music(args) -> None:
     result = music_stats.compare(generated, reference, bootstrap=args.bootstrap, seed=args.seed)
     result["sets"]["generated"]["source"] = args.generated
     result["sets"]["reference"]["source"] = args.reference
-    print(f"generated: {len(generated.files)} files ({len(generated.skipped)} skipped), "
-          f"reference: {len(reference.files)} files ({len(reference.skipped)} skipped), "
-          f"{args.bootstrap} bootstrap draws")
+    print(
+        f"generated: {len(generated.files)} files ({len(generated.skipped)} skipped), "
+        f"reference: {len(reference.files)} files ({len(reference.skipped)} skipped), "
+        f"{args.bootstrap} bootstrap draws"
+    )
     print(music_table(result))
     if args.out:
         _write_json(args.out, result)
@@ -160,7 +169,9 @@ def _add_copying(subparsers) -> None:
     p.add_argument("--train", required=True, help="folder or .txt list of the training MIDI files")
     p.add_argument("--threshold", type=float, default=0.8, help="IoU at or above which a bar is a near copy")
     p.add_argument("--max-shift", type=int, default=12, help="pitch shifts -max..max semitones are tried")
-    p.add_argument("--min-cells", type=int, default=1, help="generated bars with fewer sounding cells are not checked")
+    p.add_argument(
+        "--min-cells", type=int, default=1, help="generated bars with fewer sounding cells are not checked"
+    )
     p.add_argument("--out", help="write the full result (every bar's best match) as JSON here")
     p.set_defaults(func=_run_copying)
 
@@ -193,7 +204,9 @@ def _run_copying(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m fractalmidi_jax.evaluate", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m fractalmidi_jax.evaluate", description=__doc__.split("\n")[0]
+    )
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_music(subparsers)
     _add_copying(subparsers)

@@ -32,140 +32,152 @@ LEVEL_KINDS = {"mar": MARLevel, "ar": ARLevel}
 
 
 class FractalModel(nnx.Module):
-  def __init__(self, config: Config, rngs: nnx.Rngs):
-    self.levels = nnx.List(
-      [LEVEL_KINDS[config.generator_types[k]](config, k, rngs) for k in range(config.num_levels)]
-    )
-    self.head = VelocityHead(config, rngs)
+    def __init__(self, config: Config, rngs: nnx.Rngs):
+        self.levels = nnx.List(
+            [LEVEL_KINDS[config.generator_types[k]](config, k, rngs) for k in range(config.num_levels)]
+        )
+        self.head = VelocityHead(config, rngs)
 
 
 def build_model(config: Config, seed: int = 0) -> FractalModel:
-  return FractalModel(config.validate(), nnx.Rngs(params=seed))
+    return FractalModel(config.validate(), nnx.Rngs(params=seed))
 
 
 def count_params(model: nnx.Module) -> int:
-  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
 def padded_width(config: Config, width: int) -> int:
-  patch = config.img_size_list[1]
-  return -(-width // patch) * patch
+    patch = config.img_size_list[1]
+    return -(-width // patch) * patch
 
 
 def tokens_per_level(config: Config, width: int) -> list[int]:
-  """L_k: patch tokens of one sequence at each generator level for a roll `width` wide."""
-  sizes = config.img_size_list
-  first = (sizes[0] // sizes[1]) * (padded_width(config, width) // sizes[1])
-  return [first] + [(sizes[k] // sizes[k + 1]) ** 2 for k in range(1, config.num_levels)]
+    """L_k: patch tokens of one sequence at each generator level for a roll `width` wide."""
+    sizes = config.img_size_list
+    first = (sizes[0] // sizes[1]) * (padded_width(config, width) // sizes[1])
+    return [first] + [(sizes[k] // sizes[k + 1]) ** 2 for k in range(1, config.num_levels)]
 
 
 def budgets(config: Config, width: int) -> list[int]:
-  return [
-    masking.token_budget(n, config.token_budget, config.mask_ratio_loc, config.mask_ratio_scale)
-    for n in tokens_per_level(config, width)
-  ]
+    return [
+        masking.token_budget(n, config.token_budget, config.mask_ratio_loc, config.mask_ratio_scale)
+        for n in tokens_per_level(config, width)
+    ]
 
 
 def _draw_counts(model, config, rng, batch: int, num_tokens: list[int], train: bool):
-  """counts[k]: B x L0 x ... x L(k-1) tokens hidden (MAR) or predicted (AR) per sequence."""
-  counts = []
-  for k, (level, rng_k) in enumerate(zip(model.levels, jax.random.split(rng, len(num_tokens)))):
-    shape = (batch,) + tuple(num_tokens[:k])
-    if level.kind == "ar":
-      counts.append(jnp.full(shape, num_tokens[k], jnp.int32))
-    elif train:
-      counts.append(
-        masking.train_mask_counts(rng_k, shape, num_tokens[k], config.mask_ratio_loc, config.mask_ratio_scale)
-      )
-    else:
-      counts.append(masking.eval_mask_counts(rng_k, shape, num_tokens[k]))
-  return counts
+    """counts[k]: B x L0 x ... x L(k-1) tokens hidden (MAR) or predicted (AR) per sequence."""
+    counts = []
+    for k, (level, rng_k) in enumerate(zip(model.levels, jax.random.split(rng, len(num_tokens)))):
+        shape = (batch,) + tuple(num_tokens[:k])
+        if level.kind == "ar":
+            counts.append(jnp.full(shape, num_tokens[k], jnp.int32))
+        elif train:
+            counts.append(
+                masking.train_mask_counts(
+                    rng_k, shape, num_tokens[k], config.mask_ratio_loc, config.mask_ratio_scale
+                )
+            )
+        else:
+            counts.append(masking.eval_mask_counts(rng_k, shape, num_tokens[k]))
+    return counts
 
 
 def _reached(counts):
-  """Per sample: tokens reached at each level (B each); the last is the cells reached."""
-  reach = jnp.ones(counts[0].shape, bool)
-  per_level = []
-  for k, count in enumerate(counts):
-    per_level.append(jnp.sum(jnp.where(reach, count, 0), axis=tuple(range(1, count.ndim))))
-    if k + 1 < len(counts):
-      ranks = jnp.arange(counts[k + 1].shape[-1])
-      reach = reach[..., None] & (ranks < count[..., None])
-  return per_level
+    """Per sample: tokens reached at each level (B each); the last is the cells reached."""
+    reach = jnp.ones(counts[0].shape, bool)
+    per_level = []
+    for k, count in enumerate(counts):
+        per_level.append(jnp.sum(jnp.where(reach, count, 0), axis=tuple(range(1, count.ndim))))
+        if k + 1 < len(counts):
+            ranks = jnp.arange(counts[k + 1].shape[-1])
+            reach = reach[..., None] & (ranks < count[..., None])
+    return per_level
 
 
 def fractal_loss(model: FractalModel, config: Config, roll_BxHxW, rng, train: bool, sample_weight_B=None):
-  """Returns (loss in nats per reached cell, stats). `train` draws the training mask ratios and
-  dropout; otherwise the uniform masks of the NLL estimator. `sample_weight_B` (0 or 1) leaves
-  padding samples out."""
-  batch, height, width = roll_BxHxW.shape
-  sizes = config.img_size_list
-  full_width = padded_width(config, width)
-  cells = jnp.pad(roll_BxHxW.astype(jnp.int32), ((0, 0), (0, 0), (0, full_width - width)))
-  in_roll = jnp.broadcast_to(jnp.arange(full_width) < width, (batch, height, full_width))
-  cells, in_roll = grid_lib.patchify(cells, sizes[1]), grid_lib.patchify(in_roll, sizes[1])
-  num_tokens = tokens_per_level(config, width)
-  level_budgets = budgets(config, width)
-  rng_counts, rng_offset, rng_levels = jax.random.split(rng, 3)
-  counts = _draw_counts(model, config, rng_counts, batch, num_tokens, train)
-  sample_weight = jnp.ones((batch,)) if sample_weight_B is None else sample_weight_B.astype(jnp.float32)
-  weight = sample_weight
-  trunk0 = model.levels[0].trunk
-  col_offset = time_offsets(rng_offset if train else None, batch, full_width // sizes[1], trunk0.max_cols)
-  conds = None
-  stats = {}
-  for k, (level, level_rng) in enumerate(zip(model.levels, jax.random.split(rng_levels, config.num_levels))):
-    order_rng, dropout_rng = jax.random.split(level_rng)
-    n = cells.shape[0]
-    index = tuple(slice(None) if i == 0 else slice(0, level_budgets[i - 1]) for i in range(k + 1))
-    count_N = counts[k][index].reshape(-1)
-    num_out = 1 if k == config.num_levels - 1 else NUM_HANDOFF_CONDS
-    index_NxK, weight_NxK, conds = level.train(
-      cells, conds, count_N, level_budgets[k], num_out, col_offset, order_rng, dropout_rng if train else None
-    )
-    stats[f"level_{k}/masked_fraction"] = jnp.mean(count_N) / num_tokens[k]
-    stats[f"level_{k}/budget_dropped"] = jnp.mean(jnp.maximum(count_N - level_budgets[k], 0) / count_N)
-    weight = (weight[:, None] * weight_NxK).reshape(-1)
-    side, child_patch = sizes[k + 1], sizes[min(k + 2, len(sizes) - 1)]
-    cells = grid_lib.gather_tokens(cells, index_NxK).reshape(-1, side, side)
-    in_roll = grid_lib.gather_tokens(in_roll, index_NxK).reshape(-1, side, side)
-    cells, in_roll = grid_lib.patchify(cells, child_patch), grid_lib.patchify(in_roll, child_patch)
-    conds = conds.reshape((-1,) + conds.shape[2:])
-    col_offset = jnp.zeros((n * level_budgets[k],), jnp.int32)
-  target_N = cells.reshape(-1)
-  logits = model.head.logits(conds[:, 0])
-  cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, target_N)
-  weight = weight * in_roll.reshape(-1)
-  reached_per_level = _reached(counts)
-  reached = jnp.sum(reached_per_level[-1] * sample_weight) * (width / full_width)
-  loss = jnp.sum(weight * cross_entropy) / reached
-  sounding = target_N > 0
-  stats["loss"] = loss
-  stats["loss_sounding_cells"] = jnp.sum(jnp.where(sounding, weight * cross_entropy, 0)) / reached
-  for k, per_sample in enumerate(reached_per_level):
-    stats[f"level_{k}/tokens_per_sample"] = jnp.sum(per_sample * sample_weight) / jnp.sum(sample_weight)
-  return loss, stats
+    """Returns (loss in nats per reached cell, stats). `train` draws the training mask ratios and
+    dropout; otherwise the uniform masks of the NLL estimator. `sample_weight_B` (0 or 1) leaves
+    padding samples out."""
+    batch, height, width = roll_BxHxW.shape
+    sizes = config.img_size_list
+    full_width = padded_width(config, width)
+    cells = jnp.pad(roll_BxHxW.astype(jnp.int32), ((0, 0), (0, 0), (0, full_width - width)))
+    in_roll = jnp.broadcast_to(jnp.arange(full_width) < width, (batch, height, full_width))
+    cells, in_roll = grid_lib.patchify(cells, sizes[1]), grid_lib.patchify(in_roll, sizes[1])
+    num_tokens = tokens_per_level(config, width)
+    level_budgets = budgets(config, width)
+    rng_counts, rng_offset, rng_levels = jax.random.split(rng, 3)
+    counts = _draw_counts(model, config, rng_counts, batch, num_tokens, train)
+    sample_weight = jnp.ones((batch,)) if sample_weight_B is None else sample_weight_B.astype(jnp.float32)
+    weight = sample_weight
+    trunk0 = model.levels[0].trunk
+    col_offset = time_offsets(rng_offset if train else None, batch, full_width // sizes[1], trunk0.max_cols)
+    conds = None
+    stats = {}
+    for k, (level, level_rng) in enumerate(
+        zip(model.levels, jax.random.split(rng_levels, config.num_levels))
+    ):
+        order_rng, dropout_rng = jax.random.split(level_rng)
+        n = cells.shape[0]
+        index = tuple(slice(None) if i == 0 else slice(0, level_budgets[i - 1]) for i in range(k + 1))
+        count_N = counts[k][index].reshape(-1)
+        num_out = 1 if k == config.num_levels - 1 else NUM_HANDOFF_CONDS
+        index_NxK, weight_NxK, conds = level.train(
+            cells,
+            conds,
+            count_N,
+            level_budgets[k],
+            num_out,
+            col_offset,
+            order_rng,
+            dropout_rng if train else None,
+        )
+        stats[f"level_{k}/masked_fraction"] = jnp.mean(count_N) / num_tokens[k]
+        stats[f"level_{k}/budget_dropped"] = jnp.mean(jnp.maximum(count_N - level_budgets[k], 0) / count_N)
+        weight = (weight[:, None] * weight_NxK).reshape(-1)
+        side, child_patch = sizes[k + 1], sizes[min(k + 2, len(sizes) - 1)]
+        cells = grid_lib.gather_tokens(cells, index_NxK).reshape(-1, side, side)
+        in_roll = grid_lib.gather_tokens(in_roll, index_NxK).reshape(-1, side, side)
+        cells, in_roll = grid_lib.patchify(cells, child_patch), grid_lib.patchify(in_roll, child_patch)
+        conds = conds.reshape((-1,) + conds.shape[2:])
+        col_offset = jnp.zeros((n * level_budgets[k],), jnp.int32)
+    target_N = cells.reshape(-1)
+    logits = model.head.logits(conds[:, 0])
+    cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, target_N)
+    weight = weight * in_roll.reshape(-1)
+    reached_per_level = _reached(counts)
+    reached = jnp.sum(reached_per_level[-1] * sample_weight) * (width / full_width)
+    loss = jnp.sum(weight * cross_entropy) / reached
+    sounding = target_N > 0
+    stats["loss"] = loss
+    stats["loss_sounding_cells"] = jnp.sum(jnp.where(sounding, weight * cross_entropy, 0)) / reached
+    for k, per_sample in enumerate(reached_per_level):
+        stats[f"level_{k}/tokens_per_sample"] = jnp.sum(per_sample * sample_weight) / jnp.sum(sample_weight)
+    return loss, stats
 
 
 def train_flops_per_sample(config: Config, width: int) -> float:
-  """Model FLOPs of one training sample (forward + backward = 3 x forward): matmuls and
-  attention of every sequence the budgets compute. Used for model FLOP utilisation."""
-  num_tokens = tokens_per_level(config, width)
-  level_budgets = budgets(config, width)
-  sequences, total = 1, 0.0
-  for k in range(config.num_levels):
-    dim, depth = config.embed_dim_list[k], config.num_blocks_list[k]
-    num_conds = 1 if k == 0 else NUM_HANDOFF_CONDS
-    length = num_tokens[k] + num_conds - (1 if config.generator_types[k] == "ar" else 0)
-    per_sequence = depth * (24 * length * dim * dim + 4 * length * length * dim)
-    per_sequence += 2 * length * dim * (config.img_size_list[k + 1] ** 2)
-    if k > 0:
-      per_sequence += 2 * num_conds * config.embed_dim_list[k - 1] * dim
-    total += sequences * per_sequence
-    sequences *= level_budgets[k]
-  head_dim = config.embed_dim_list[-1]
-  per_cell = 2 * config.embed_dim_list[-2] * head_dim + config.num_blocks_list[-1] * 24 * head_dim * head_dim
-  per_cell += 2 * head_dim * 128
-  total += sequences * per_cell
-  return 3.0 * total
-
+    """Model FLOPs of one training sample (forward + backward = 3 x forward): matmuls and
+    attention of every sequence the budgets compute. Used for model FLOP utilisation."""
+    num_tokens = tokens_per_level(config, width)
+    level_budgets = budgets(config, width)
+    sequences, total = 1, 0.0
+    for k in range(config.num_levels):
+        dim, depth = config.embed_dim_list[k], config.num_blocks_list[k]
+        num_conds = 1 if k == 0 else NUM_HANDOFF_CONDS
+        length = num_tokens[k] + num_conds - (1 if config.generator_types[k] == "ar" else 0)
+        per_sequence = depth * (24 * length * dim * dim + 4 * length * length * dim)
+        per_sequence += 2 * length * dim * (config.img_size_list[k + 1] ** 2)
+        if k > 0:
+            per_sequence += 2 * num_conds * config.embed_dim_list[k - 1] * dim
+        total += sequences * per_sequence
+        sequences *= level_budgets[k]
+    head_dim = config.embed_dim_list[-1]
+    per_cell = (
+        2 * config.embed_dim_list[-2] * head_dim + config.num_blocks_list[-1] * 24 * head_dim * head_dim
+    )
+    per_cell += 2 * head_dim * 128
+    total += sequences * per_cell
+    return 3.0 * total

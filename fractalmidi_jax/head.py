@@ -17,23 +17,23 @@ NUM_VELOCITIES = 128
 
 
 class VelocityHead(nnx.Module):
-  kind = "head"
+    kind = "head"
 
-  def __init__(self, config: Config, rngs: nnx.Rngs):
-    width = config.embed_dim_list[-1]
-    self.dtype = config.compute_dtype()
-    self.cond_proj = dense(config.embed_dim_list[-2], width, self.dtype, rngs)
-    self.transformer = Transformer(
-      width, config.num_blocks_list[-1], config.num_heads_list[-1], 0.0, 0.0, self.dtype, rngs
-    )
-    self.codebook = nnx.Param(embedding_init(rngs.params(), (NUM_VELOCITIES, width)))
-    self.bias = nnx.Param(jnp.zeros((NUM_VELOCITIES,)))
+    def __init__(self, config: Config, rngs: nnx.Rngs):
+        width = config.embed_dim_list[-1]
+        self.dtype = config.compute_dtype()
+        self.cond_proj = dense(config.embed_dim_list[-2], width, self.dtype, rngs)
+        self.transformer = Transformer(
+            width, config.num_blocks_list[-1], config.num_heads_list[-1], 0.0, 0.0, self.dtype, rngs
+        )
+        self.codebook = nnx.Param(embedding_init(rngs.params(), (NUM_VELOCITIES, width)))
+        self.bias = nnx.Param(jnp.zeros((NUM_VELOCITIES,)))
 
-  def logits(self, cond_NxE):
-    """N x 128 float32 logits."""
-    x, _ = self.transformer(self.cond_proj(cond_NxE)[:, None, :])
-    return jnp.dot(x[:, 0].astype(jnp.float32), self.codebook[...].T) + self.bias[...]
+    def logits(self, cond_NxE):
+        """N x 128 float32 logits."""
+        x, _ = self.transformer(self.cond_proj(cond_NxE)[:, None, :])
+        return jnp.dot(x[:, 0].astype(jnp.float32), self.codebook[...].T) + self.bias[...]
 
-  def sample(self, cond_NxE, rng, temperature: float):
-    logits = self.logits(cond_NxE)
-    return jax.random.categorical(rng, logits / jnp.maximum(temperature, 1e-6)).astype(jnp.int32)
+    def sample(self, cond_NxE, rng, temperature: float):
+        logits = self.logits(cond_NxE)
+        return jax.random.categorical(rng, logits / jnp.maximum(temperature, 1e-6)).astype(jnp.int32)

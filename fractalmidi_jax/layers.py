@@ -16,105 +16,105 @@ NEG_INF = -1e30
 
 
 def dense(in_dim: int, out_dim: int, dtype, rngs: nnx.Rngs) -> nnx.Linear:
-  return nnx.Linear(in_dim, out_dim, kernel_init=xavier_uniform, dtype=dtype, rngs=rngs)
+    return nnx.Linear(in_dim, out_dim, kernel_init=xavier_uniform, dtype=dtype, rngs=rngs)
 
 
 def layer_norm(dim: int, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
-  return nnx.LayerNorm(dim, epsilon=1e-6, dtype=dtype, rngs=rngs)
+    return nnx.LayerNorm(dim, epsilon=1e-6, dtype=dtype, rngs=rngs)
 
 
 def dropout(x, rate: float, rng):
-  if rng is None or rate == 0.0:
-    return x
-  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
-  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+    if rng is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
 def split_key(rng, num: int):
-  """Splits a key that may be None (dropout off)."""
-  return [None] * num if rng is None else list(jax.random.split(rng, num))
+    """Splits a key that may be None (dropout off)."""
+    return [None] * num if rng is None else list(jax.random.split(rng, num))
 
 
 class Attention(nnx.Module):
-  def __init__(self, dim: int, num_heads: int, attn_dropout: float, dtype, rngs: nnx.Rngs):
-    self.num_heads = num_heads
-    self.attn_dropout = attn_dropout
-    self.qkv = dense(dim, 3 * dim, dtype, rngs)
-    self.proj = dense(dim, dim, dtype, rngs)
+    def __init__(self, dim: int, num_heads: int, attn_dropout: float, dtype, rngs: nnx.Rngs):
+        self.num_heads = num_heads
+        self.attn_dropout = attn_dropout
+        self.qkv = dense(dim, 3 * dim, dtype, rngs)
+        self.proj = dense(dim, dim, dtype, rngs)
 
-  def __call__(self, x_NxTxD, mask_TxS=None, cache=None, cache_index=None, rng=None):
-    """Self-attention; with `cache` ({'k','v'}: N x S x H x K) the T new tokens are written at
-    `cache_index` and attend to the whole cache under `mask_TxS`. Returns (y, cache)."""
-    n, t, d = x_NxTxD.shape
-    qkv = self.qkv(x_NxTxD).reshape(n, t, 3, self.num_heads, d // self.num_heads)
-    q_NxTxHxK, k_NxTxHxK, v_NxTxHxK = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    if cache is not None:
-      k_NxTxHxK = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_NxTxHxK, cache_index, axis=1)
-      v_NxTxHxK = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_NxTxHxK, cache_index, axis=1)
-      cache = {"k": k_NxTxHxK, "v": v_NxTxHxK}
-    scale = (d // self.num_heads) ** -0.5
-    logits_NxHxTxS = jnp.einsum(
-      "nthk,nshk->nhts", q_NxTxHxK, k_NxTxHxK, preferred_element_type=jnp.float32
-    ) * scale
-    if mask_TxS is not None:
-      logits_NxHxTxS = jnp.where(mask_TxS, logits_NxHxTxS, NEG_INF)
-    weights = jax.nn.softmax(logits_NxHxTxS, axis=-1).astype(v_NxTxHxK.dtype)
-    weights = dropout(weights, self.attn_dropout, rng)
-    y_NxTxHxK = jnp.einsum("nhts,nshk->nthk", weights, v_NxTxHxK)
-    return self.proj(y_NxTxHxK.reshape(n, t, d)), cache
+    def __call__(self, x_NxTxD, mask_TxS=None, cache=None, cache_index=None, rng=None):
+        """Self-attention; with `cache` ({'k','v'}: N x S x H x K) the T new tokens are written at
+        `cache_index` and attend to the whole cache under `mask_TxS`. Returns (y, cache)."""
+        n, t, d = x_NxTxD.shape
+        qkv = self.qkv(x_NxTxD).reshape(n, t, 3, self.num_heads, d // self.num_heads)
+        q_NxTxHxK, k_NxTxHxK, v_NxTxHxK = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        if cache is not None:
+            k_NxTxHxK = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_NxTxHxK, cache_index, axis=1)
+            v_NxTxHxK = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_NxTxHxK, cache_index, axis=1)
+            cache = {"k": k_NxTxHxK, "v": v_NxTxHxK}
+        scale = (d // self.num_heads) ** -0.5
+        logits_NxHxTxS = (
+            jnp.einsum("nthk,nshk->nhts", q_NxTxHxK, k_NxTxHxK, preferred_element_type=jnp.float32) * scale
+        )
+        if mask_TxS is not None:
+            logits_NxHxTxS = jnp.where(mask_TxS, logits_NxHxTxS, NEG_INF)
+        weights = jax.nn.softmax(logits_NxHxTxS, axis=-1).astype(v_NxTxHxK.dtype)
+        weights = dropout(weights, self.attn_dropout, rng)
+        y_NxTxHxK = jnp.einsum("nhts,nshk->nthk", weights, v_NxTxHxK)
+        return self.proj(y_NxTxHxK.reshape(n, t, d)), cache
 
 
 class Mlp(nnx.Module):
-  def __init__(self, dim: int, hidden: int, dtype, rngs: nnx.Rngs):
-    self.fc1 = dense(dim, hidden, dtype, rngs)
-    self.fc2 = dense(hidden, dim, dtype, rngs)
+    def __init__(self, dim: int, hidden: int, dtype, rngs: nnx.Rngs):
+        self.fc1 = dense(dim, hidden, dtype, rngs)
+        self.fc2 = dense(hidden, dim, dtype, rngs)
 
-  def __call__(self, x, rng=None, rate: float = 0.0):
-    return self.fc2(dropout(jax.nn.gelu(self.fc1(x), approximate=False), rate, rng))
+    def __call__(self, x, rng=None, rate: float = 0.0):
+        return self.fc2(dropout(jax.nn.gelu(self.fc1(x), approximate=False), rate, rng))
 
 
 class Block(nnx.Module):
-  """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
-  def __init__(self, dim, num_heads, attn_dropout, proj_dropout, dtype, rngs, mlp_ratio=4.0):
-    self.proj_dropout = proj_dropout
-    self.norm1 = layer_norm(dim, dtype, rngs)
-    self.attn = Attention(dim, num_heads, attn_dropout, dtype, rngs)
-    self.norm2 = layer_norm(dim, dtype, rngs)
-    self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype, rngs)
+    def __init__(self, dim, num_heads, attn_dropout, proj_dropout, dtype, rngs, mlp_ratio=4.0):
+        self.proj_dropout = proj_dropout
+        self.norm1 = layer_norm(dim, dtype, rngs)
+        self.attn = Attention(dim, num_heads, attn_dropout, dtype, rngs)
+        self.norm2 = layer_norm(dim, dtype, rngs)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype, rngs)
 
-  def __call__(self, x, mask=None, cache=None, cache_index=None, rng=None):
-    attn_rng, drop1, mlp_rng, drop2 = split_key(rng, 4)
-    y, cache = self.attn(self.norm1(x), mask, cache, cache_index, attn_rng)
-    x = x + dropout(y, self.proj_dropout, drop1)
-    y = self.mlp(self.norm2(x), mlp_rng, self.proj_dropout)
-    return x + dropout(y, self.proj_dropout, drop2), cache
+    def __call__(self, x, mask=None, cache=None, cache_index=None, rng=None):
+        attn_rng, drop1, mlp_rng, drop2 = split_key(rng, 4)
+        y, cache = self.attn(self.norm1(x), mask, cache, cache_index, attn_rng)
+        x = x + dropout(y, self.proj_dropout, drop1)
+        y = self.mlp(self.norm2(x), mlp_rng, self.proj_dropout)
+        return x + dropout(y, self.proj_dropout, drop2), cache
 
 
 class Transformer(nnx.Module):
-  """LayerNorm -> blocks -> LayerNorm, with optional rematerialisation and KV caches."""
+    """LayerNorm -> blocks -> LayerNorm, with optional rematerialisation and KV caches."""
 
-  def __init__(self, dim, depth, num_heads, attn_dropout, proj_dropout, dtype, rngs, remat=False):
-    self.remat = remat
-    self.norm_in = layer_norm(dim, dtype, rngs)
-    self.blocks = nnx.List(
-      [Block(dim, num_heads, attn_dropout, proj_dropout, dtype, rngs) for _ in range(depth)]
-    )
-    self.norm_out = layer_norm(dim, dtype, rngs)
+    def __init__(self, dim, depth, num_heads, attn_dropout, proj_dropout, dtype, rngs, remat=False):
+        self.remat = remat
+        self.norm_in = layer_norm(dim, dtype, rngs)
+        self.blocks = nnx.List(
+            [Block(dim, num_heads, attn_dropout, proj_dropout, dtype, rngs) for _ in range(depth)]
+        )
+        self.norm_out = layer_norm(dim, dtype, rngs)
 
-  def __call__(self, x, mask=None, caches=None, cache_index=None, rng=None):
-    x = self.norm_in(x)
-    new_caches = []
-    for i, (block, block_rng) in enumerate(zip(self.blocks, split_key(rng, len(self.blocks)))):
-      cache = None if caches is None else caches[i]
-      if self.remat and cache is None:
-        x, _ = nnx.remat(lambda b, h, r: b(h, mask, None, None, r))(block, x, block_rng)
-      else:
-        x, cache = block(x, mask, cache, cache_index, block_rng)
-      new_caches.append(cache)
-    return self.norm_out(x), (None if caches is None else new_caches)
+    def __call__(self, x, mask=None, caches=None, cache_index=None, rng=None):
+        x = self.norm_in(x)
+        new_caches = []
+        for i, (block, block_rng) in enumerate(zip(self.blocks, split_key(rng, len(self.blocks)))):
+            cache = None if caches is None else caches[i]
+            if self.remat and cache is None:
+                x, _ = nnx.remat(lambda b, h, r: b(h, mask, None, None, r))(block, x, block_rng)
+            else:
+                x, cache = block(x, mask, cache, cache_index, block_rng)
+            new_caches.append(cache)
+        return self.norm_out(x), (None if caches is None else new_caches)
 
-  def empty_caches(self, n: int, length: int, dtype):
-    """Zeroed KV caches for `n` sequences of `length` positions."""
-    shape = lambda b: (n, length, b.attn.num_heads, b.attn.qkv.in_features // b.attn.num_heads)
-    return [{"k": jnp.zeros(shape(b), dtype), "v": jnp.zeros(shape(b), dtype)} for b in self.blocks]
+    def empty_caches(self, n: int, length: int, dtype):
+        """Zeroed KV caches for `n` sequences of `length` positions."""
+        shape = lambda b: (n, length, b.attn.num_heads, b.attn.qkv.in_features // b.attn.num_heads)
+        return [{"k": jnp.zeros(shape(b), dtype), "v": jnp.zeros(shape(b), dtype)} for b in self.blocks]

@@ -24,78 +24,78 @@ NUM_HANDOFF_CONDS = 5  # middle + the four neighbours
 
 
 class LevelTrunk(nnx.Module):
-  def __init__(self, config: Config, level: int, rngs: nnx.Rngs):
-    sizes = config.img_size_list
-    width = config.embed_dim_list[level]
-    self.level = level
-    self.patch = sizes[level + 1]
-    self.rows = sizes[level] // self.patch
-    self.max_cols = (config.max_crop_length if level == 0 else sizes[level]) // self.patch
-    self.num_conds = 1 if level == 0 else NUM_HANDOFF_CONDS
-    self.dtype = config.compute_dtype()
-    if level == 0:
-      self.start_token = nnx.Param(embedding_init(rngs.params(), (1, width)))
-    else:
-      self.cond_embed = dense(config.embed_dim_list[level - 1], width, self.dtype, rngs)
-    self.patch_embed = dense(self.patch * self.patch, width, self.dtype, rngs)
-    self.cond_pos = nnx.Param(embedding_init(rngs.params(), (self.num_conds, width)))
-    self.row_pos = nnx.Param(embedding_init(rngs.params(), (self.rows, width)))
-    self.col_pos = nnx.Param(embedding_init(rngs.params(), (self.max_cols, width)))
-    self.transformer = Transformer(
-      width,
-      config.num_blocks_list[level],
-      config.num_heads_list[level],
-      config.attn_dropout,
-      config.proj_dropout,
-      self.dtype,
-      rngs,
-      remat=config.grad_checkpoint,
-    )
+    def __init__(self, config: Config, level: int, rngs: nnx.Rngs):
+        sizes = config.img_size_list
+        width = config.embed_dim_list[level]
+        self.level = level
+        self.patch = sizes[level + 1]
+        self.rows = sizes[level] // self.patch
+        self.max_cols = (config.max_crop_length if level == 0 else sizes[level]) // self.patch
+        self.num_conds = 1 if level == 0 else NUM_HANDOFF_CONDS
+        self.dtype = config.compute_dtype()
+        if level == 0:
+            self.start_token = nnx.Param(embedding_init(rngs.params(), (1, width)))
+        else:
+            self.cond_embed = dense(config.embed_dim_list[level - 1], width, self.dtype, rngs)
+        self.patch_embed = dense(self.patch * self.patch, width, self.dtype, rngs)
+        self.cond_pos = nnx.Param(embedding_init(rngs.params(), (self.num_conds, width)))
+        self.row_pos = nnx.Param(embedding_init(rngs.params(), (self.rows, width)))
+        self.col_pos = nnx.Param(embedding_init(rngs.params(), (self.max_cols, width)))
+        self.transformer = Transformer(
+            width,
+            config.num_blocks_list[level],
+            config.num_heads_list[level],
+            config.attn_dropout,
+            config.proj_dropout,
+            self.dtype,
+            rngs,
+            remat=config.grad_checkpoint,
+        )
 
-  def grid(self, cols: int | None = None) -> grid_lib.Grid:
-    return grid_lib.Grid(self.rows, cols or self.max_cols, self.patch)
+    def grid(self, cols: int | None = None) -> grid_lib.Grid:
+        return grid_lib.Grid(self.rows, cols or self.max_cols, self.patch)
 
-  def cond_tokens(self, conds_NxCxE, num_sequences: int):
-    """N x C x D condition tokens with their positions."""
-    if self.level == 0:
-      tokens = jnp.broadcast_to(self.start_token[...], (num_sequences,) + self.start_token.shape)
-    else:
-      tokens = self.cond_embed(conds_NxCxE)
-    return (tokens + self.cond_pos[...]).astype(self.dtype)
+    def cond_tokens(self, conds_NxCxE, num_sequences: int):
+        """N x C x D condition tokens with their positions."""
+        if self.level == 0:
+            tokens = jnp.broadcast_to(self.start_token[...], (num_sequences,) + self.start_token.shape)
+        else:
+            tokens = self.cond_embed(conds_NxCxE)
+        return (tokens + self.cond_pos[...]).astype(self.dtype)
 
-  def embed_patches(self, cells_NxLxP):
-    """Cells are integer velocities; the network sees velocity / 127."""
-    return self.patch_embed((cells_NxLxP / 127.0).astype(self.dtype))
+    def embed_patches(self, cells_NxLxP):
+        """Cells are integer velocities; the network sees velocity / 127."""
+        return self.patch_embed((cells_NxLxP / 127.0).astype(self.dtype))
 
-  def positions(self, grid_index_L, cols: int, col_offset_N):
-    """N x L x D position embeddings of tokens at the given grid indices."""
-    rows_L, cols_L = grid_index_L // cols, grid_index_L % cols
-    row_LxD = self.row_pos[...][rows_L]
-    col_NxLxD = self.col_pos[...][cols_L[None, :] + col_offset_N[:, None]]
-    return (row_LxD[None] + col_NxLxD).astype(self.dtype)
+    def positions(self, grid_index_L, cols: int, col_offset_N):
+        """N x L x D position embeddings of tokens at the given grid indices."""
+        rows_L, cols_L = grid_index_L // cols, grid_index_L % cols
+        row_LxD = self.row_pos[...][rows_L]
+        col_NxLxD = self.col_pos[...][cols_L[None, :] + col_offset_N[:, None]]
+        return (row_LxD[None] + col_NxLxD).astype(self.dtype)
 
-  def handoff(self, h_NxLxD, index_NxK, grid: grid_lib.Grid, neighbours: tuple[str, ...], num_out: int):
-    """N x K x num_out x D conditions for the selected tokens: the token's own output, then
-    the outputs of its neighbours in `neighbours` (zeros for others and at the border)."""
-    conds = [grid_lib.gather_tokens(h_NxLxD, index_NxK)]
-    table = grid.neighbours()
-    for name in grid_lib.NEIGHBOURS[: num_out - 1]:
-      if name not in neighbours:
-        conds.append(jnp.zeros_like(conds[0]))
-        continue
-      nbr_L = jnp.asarray(table[grid_lib.NEIGHBOURS.index(name)])
-      nbr_NxK = nbr_L[index_NxK]
-      value = grid_lib.gather_tokens(h_NxLxD, jnp.maximum(nbr_NxK, 0))
-      conds.append(jnp.where((nbr_NxK >= 0)[..., None], value, 0).astype(value.dtype))
-    return jnp.stack(conds, axis=2)
+    def handoff(self, h_NxLxD, index_NxK, grid: grid_lib.Grid, neighbours: tuple[str, ...], num_out: int):
+        """N x K x num_out x D conditions for the selected tokens: the token's own output, then
+        the outputs of its neighbours in `neighbours` (zeros for others and at the border)."""
+        conds = [grid_lib.gather_tokens(h_NxLxD, index_NxK)]
+        table = grid.neighbours()
+        for name in grid_lib.NEIGHBOURS[: num_out - 1]:
+            if name not in neighbours:
+                conds.append(jnp.zeros_like(conds[0]))
+                continue
+            nbr_L = jnp.asarray(table[grid_lib.NEIGHBOURS.index(name)])
+            nbr_NxK = nbr_L[index_NxK]
+            value = grid_lib.gather_tokens(h_NxLxD, jnp.maximum(nbr_NxK, 0))
+            conds.append(jnp.where((nbr_NxK >= 0)[..., None], value, 0).astype(value.dtype))
+        return jnp.stack(conds, axis=2)
 
 
 def time_offsets(rng, num_sequences: int, cols: int, max_cols: int):
-  """Random first column per sequence in [0, max_cols - cols] (level 0, training)."""
-  if rng is None or cols >= max_cols:
-    return jnp.zeros((num_sequences,), jnp.int32)
-  return jax.random.randint(rng, (num_sequences,), 0, max_cols - cols + 1, dtype=jnp.int32)
+    """Random first column per sequence in [0, max_cols - cols] (level 0, training)."""
+    if rng is None or cols >= max_cols:
+        return jnp.zeros((num_sequences,), jnp.int32)
+    return jax.random.randint(rng, (num_sequences,), 0, max_cols - cols + 1, dtype=jnp.int32)
 
 
 def causal_mask(num_tokens: int) -> np.ndarray:
-  return np.tril(np.ones((num_tokens, num_tokens), dtype=bool))
+    return np.tril(np.ones((num_tokens, num_tokens), dtype=bool))

@@ -18,48 +18,48 @@ from fractalmidi_jax.config import mean_mask_ratio
 
 
 def train_mask_counts(rng, shape, num_tokens: int, loc: float, scale: float):
-  """Hidden tokens per sequence: ceil(L * r), r ~ normal(loc, scale) cut to [loc - 4 scale, loc];
-  at least one token, so every sequence trains something."""
-  ratio = loc + scale * jax.random.truncated_normal(rng, -4.0, 0.0, shape)
-  return jnp.clip(jnp.ceil(num_tokens * ratio), 1, num_tokens).astype(jnp.int32)
+    """Hidden tokens per sequence: ceil(L * r), r ~ normal(loc, scale) cut to [loc - 4 scale, loc];
+    at least one token, so every sequence trains something."""
+    ratio = loc + scale * jax.random.truncated_normal(rng, -4.0, 0.0, shape)
+    return jnp.clip(jnp.ceil(num_tokens * ratio), 1, num_tokens).astype(jnp.int32)
 
 
 def eval_mask_counts(rng, shape, num_tokens: int):
-  """Uniform 1..L hidden tokens: the NLL estimator of the original's validation."""
-  return jax.random.randint(rng, shape, 1, num_tokens + 1, dtype=jnp.int32)
+    """Uniform 1..L hidden tokens: the NLL estimator of the original's validation."""
+    return jax.random.randint(rng, shape, 1, num_tokens + 1, dtype=jnp.int32)
 
 
 def random_orders(rng, num_sequences: int, num_tokens: int):
-  """order[n, j] = the token of rank j; the first `count` ranks are the hidden tokens."""
-  return jnp.argsort(jax.random.uniform(rng, (num_sequences, num_tokens)), axis=-1).astype(jnp.int32)
+    """order[n, j] = the token of rank j; the first `count` ranks are the hidden tokens."""
+    return jnp.argsort(jax.random.uniform(rng, (num_sequences, num_tokens)), axis=-1).astype(jnp.int32)
 
 
 def token_budget(num_tokens: int, fraction: float, loc: float, scale: float) -> int:
-  """Tokens passed down per sequence: `fraction` of L, or the mean mask ratio when 0."""
-  fraction = fraction or min(1.0, mean_mask_ratio(loc, scale))
-  return max(1, min(num_tokens, math.ceil(fraction * num_tokens)))
+    """Tokens passed down per sequence: `fraction` of L, or the mean mask ratio when 0."""
+    fraction = fraction or min(1.0, mean_mask_ratio(loc, scale))
+    return max(1, min(num_tokens, math.ceil(fraction * num_tokens)))
 
 
 def budget_weights(count_N, budget: int):
-  """Horvitz-Thompson weights of the K budget slots: count / min(count, K) where the slot
-  holds a hidden token, 0 where it is empty."""
-  slots_K = jnp.arange(budget)
-  kept_N = jnp.minimum(count_N, budget)
-  valid_NxK = slots_K[None, :] < count_N[:, None]
-  return jnp.where(valid_NxK, (count_N / kept_N)[:, None], 0.0).astype(jnp.float32)
+    """Horvitz-Thompson weights of the K budget slots: count / min(count, K) where the slot
+    holds a hidden token, 0 where it is empty."""
+    slots_K = jnp.arange(budget)
+    kept_N = jnp.minimum(count_N, budget)
+    valid_NxK = slots_K[None, :] < count_N[:, None]
+    return jnp.where(valid_NxK, (count_N / kept_N)[:, None], 0.0).astype(jnp.float32)
 
 
 def cosine_schedule(num_tokens: int, num_iter: int) -> tuple[int, ...]:
-  """Tokens generated in each MAR round (static): after round r, floor(L cos(pi/2 (r+1)/R))
-  stay hidden (at least one until the last round), as in MAR/fractalgen."""
-  num_iter = max(1, min(num_iter, num_tokens))
-  remaining, counts = num_tokens, []
-  for step in range(num_iter):
-    if step == num_iter - 1:
-      keep_hidden = 0
-    else:
-      keep_hidden = math.floor(num_tokens * math.cos(math.pi / 2 * (step + 1) / num_iter))
-      keep_hidden = max(1, min(remaining - 1, keep_hidden))
-    counts.append(remaining - keep_hidden)
-    remaining = keep_hidden
-  return tuple(c for c in counts if c > 0)
+    """Tokens generated in each MAR round (static): after round r, floor(L cos(pi/2 (r+1)/R))
+    stay hidden (at least one until the last round), as in MAR/fractalgen."""
+    num_iter = max(1, min(num_iter, num_tokens))
+    remaining, counts = num_tokens, []
+    for step in range(num_iter):
+        if step == num_iter - 1:
+            keep_hidden = 0
+        else:
+            keep_hidden = math.floor(num_tokens * math.cos(math.pi / 2 * (step + 1) / num_iter))
+            keep_hidden = max(1, min(remaining - 1, keep_hidden))
+        counts.append(remaining - keep_hidden)
+        remaining = keep_hidden
+    return tuple(c for c in counts if c > 0)

@@ -366,7 +366,9 @@ def notes_to_roll(notes, num_steps: int) -> np.ndarray:
     return roll
 
 
-def roll_to_notes(roll, min_velocity: int = 1, min_note_steps: int = 1, velocity_tolerance: int = 0) -> np.ndarray:
+def roll_to_notes(
+    roll, min_velocity: int = 1, min_note_steps: int = 1, velocity_tolerance: int = 0
+) -> np.ndarray:
     """Velocity roll [pitches, steps] -> int32 [N, 4] (onset, end, pitch, velocity), sorted.
 
     A note starts where a cell sounds after silence or differs from the cell before it by
@@ -400,7 +402,9 @@ def write_midi(path, notes, tempo_bpm: float = 120.0, program: int = 0) -> None:
     seconds_per_step = 60.0 / (float(tempo_bpm) * STEPS_PER_QUARTER)
     for onset, end, pitch, velocity in np.asarray(notes, dtype=np.int64).reshape(-1, 4).tolist():
         instrument.notes.append(
-            pretty_midi.Note(velocity=velocity, pitch=pitch, start=onset * seconds_per_step, end=end * seconds_per_step)
+            pretty_midi.Note(
+                velocity=velocity, pitch=pitch, start=onset * seconds_per_step, end=end * seconds_per_step
+            )
         )
     midi.instruments.append(instrument)
     midi.write(str(path))

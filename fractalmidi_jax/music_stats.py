@@ -54,8 +54,8 @@ multiply-adds: under a minute on two CPU cores.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -208,7 +208,9 @@ def set_stats(named_notes: Sequence[tuple[str, np.ndarray]], skipped=()) -> SetS
     for i, (_, notes) in enumerate(named_notes):
         for name, values in feature_values(notes).items():
             values = values.astype(np.float64)
-            counts[name][i] = np.bincount(FEATURE_BY_NAME[name].bin_of(values), minlength=counts[name].shape[1])
+            counts[name][i] = np.bincount(
+                FEATURE_BY_NAME[name].bin_of(values), minlength=counts[name].shape[1]
+            )
             moments[name][i] = (values.size, values.sum(), (values * values).sum())
     return SetStats([name for name, _ in named_notes], list(skipped), counts, moments)
 
@@ -421,7 +423,11 @@ def _bars(named_notes, min_cells: int, packed: bool = False):
     """The bars with at least min_cells sounding cells of all files, stacked (bool
     [bars, 16, 128], or bit-packed uint8 [bars, 256] to keep a large training set
     small), and (file index, bar index) of each."""
-    out = [np.zeros((0, BAR_CELLS // 8), np.uint8) if packed else np.zeros((0, BAR_STEPS, midi.NUM_PITCHES), bool)]
+    out = [
+        np.zeros((0, BAR_CELLS // 8), np.uint8)
+        if packed
+        else np.zeros((0, BAR_STEPS, midi.NUM_PITCHES), bool)
+    ]
     where = []
     for i, (_, notes) in enumerate(named_notes):
         bars = bar_cells(notes)

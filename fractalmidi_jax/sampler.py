@@ -30,136 +30,148 @@ NUM_AR_FRAMES = 16
 
 
 def _put_tokens(x_NxLx___, index_NxK, values_NxKx___):
-  n = x_NxLx___.shape[0]
-  return x_NxLx___.at[jnp.arange(n)[:, None], index_NxK].set(values_NxKx___)
+    n = x_NxLx___.shape[0]
+    return x_NxLx___.at[jnp.arange(n)[:, None], index_NxK].set(values_NxKx___)
 
 
 class _Sampler:
-  """Holds the static choices of one sampling program."""
+    """Holds the static choices of one sampling program."""
 
-  def __init__(self, model: FractalModel, config: Config, num_iter_list, temperature):
-    self.model, self.config = model, config
-    self.num_iter_list, self.temperature = num_iter_list, temperature
-    self.frames = []
+    def __init__(self, model: FractalModel, config: Config, num_iter_list, temperature):
+        self.model, self.config = model, config
+        self.num_iter_list, self.temperature = num_iter_list, temperature
+        self.frames = []
 
-  def level(self, k, conds, cells_NxHxW, known_NxHxW, rng):
-    num_out = 1 if k == self.config.num_levels - 1 else NUM_HANDOFF_CONDS
-    level = self.model.levels[k]
-    p = level.trunk.patch
-    n, height, width = cells_NxHxW.shape
-    grid = level.trunk.grid(width // p)
-    cells = grid_lib.patchify(cells_NxHxW, p)
-    known = grid_lib.patchify(known_NxHxW, p)
-    run = self._mar if level.kind == "mar" else self._ar
-    cells = run(k, level, grid, conds, cells, known, num_out, rng)
-    return grid_lib.unpatchify(cells, grid.rows, grid.cols, p)
+    def level(self, k, conds, cells_NxHxW, known_NxHxW, rng):
+        num_out = 1 if k == self.config.num_levels - 1 else NUM_HANDOFF_CONDS
+        level = self.model.levels[k]
+        p = level.trunk.patch
+        n, height, width = cells_NxHxW.shape
+        grid = level.trunk.grid(width // p)
+        cells = grid_lib.patchify(cells_NxHxW, p)
+        known = grid_lib.patchify(known_NxHxW, p)
+        run = self._mar if level.kind == "mar" else self._ar
+        cells = run(k, level, grid, conds, cells, known, num_out, rng)
+        return grid_lib.unpatchify(cells, grid.rows, grid.cols, p)
 
-  def children(self, k, conds_NxKxOxD, cells_NxKxP, known_NxKxP, rng):
-    """Fills the given patches with level k + 1 (or the head)."""
-    n, count = cells_NxKxP.shape[:2]
-    flat = lambda x: x.reshape((n * count,) + x.shape[2:])
-    if k == self.config.num_levels - 1:
-      drawn = self.model.head.sample(flat(conds_NxKxOxD)[:, 0], rng, self.temperature)
-      out = jnp.where(flat(known_NxKxP)[:, 0], flat(cells_NxKxP)[:, 0], drawn)
-    else:
-      side = self.config.img_size_list[k + 1]
-      out = self.level(
-        k + 1,
-        flat(conds_NxKxOxD),
-        flat(cells_NxKxP).reshape(-1, side, side),
-        flat(known_NxKxP).reshape(-1, side, side),
-        rng,
-      )
-    return out.reshape(n, count, -1)
+    def children(self, k, conds_NxKxOxD, cells_NxKxP, known_NxKxP, rng):
+        """Fills the given patches with level k + 1 (or the head)."""
+        n, count = cells_NxKxP.shape[:2]
+        flat = lambda x: x.reshape((n * count,) + x.shape[2:])
+        if k == self.config.num_levels - 1:
+            drawn = self.model.head.sample(flat(conds_NxKxOxD)[:, 0], rng, self.temperature)
+            out = jnp.where(flat(known_NxKxP)[:, 0], flat(cells_NxKxP)[:, 0], drawn)
+        else:
+            side = self.config.img_size_list[k + 1]
+            out = self.level(
+                k + 1,
+                flat(conds_NxKxOxD),
+                flat(cells_NxKxP).reshape(-1, side, side),
+                flat(known_NxKxP).reshape(-1, side, side),
+                rng,
+            )
+        return out.reshape(n, count, -1)
 
-  def _mar(self, k, level, grid, conds, cells, known, num_out, rng):
-    n, num_tokens, _ = cells.shape
-    order_rng, rng = jax.random.split(rng)
-    order_NxL = masking.random_orders(order_rng, n, num_tokens)
-    hidden_NxL = ~jnp.all(known, axis=-1)
-    offset = jnp.zeros((n,), jnp.int32)
-    start = 0
-    for count, round_rng in zip(
-      masking.cosine_schedule(num_tokens, self.num_iter_list[k]),
-      jax.random.split(rng, self.num_iter_list[k]),
-    ):
-      h_NxLxD = level.predict(cells, hidden_NxL, conds, offset)
-      index_NxC = order_NxL[:, start : start + count]
-      child_conds = level.trunk.handoff(h_NxLxD, index_NxC, grid, level.handoff_neighbours, num_out)
-      new = self.children(
-        k, child_conds, grid_lib.gather_tokens(cells, index_NxC), grid_lib.gather_tokens(known, index_NxC), round_rng
-      )
-      cells = _put_tokens(cells, index_NxC, new)
-      hidden_NxL = _put_tokens(hidden_NxL, index_NxC, jnp.zeros(index_NxC.shape, bool))
-      start += count
-      if k == 0:
-        self.frames.append(grid_lib.unpatchify(cells, grid.rows, grid.cols, grid.patch))
-    return cells
+    def _mar(self, k, level, grid, conds, cells, known, num_out, rng):
+        n, num_tokens, _ = cells.shape
+        order_rng, rng = jax.random.split(rng)
+        order_NxL = masking.random_orders(order_rng, n, num_tokens)
+        hidden_NxL = ~jnp.all(known, axis=-1)
+        offset = jnp.zeros((n,), jnp.int32)
+        start = 0
+        for count, round_rng in zip(
+            masking.cosine_schedule(num_tokens, self.num_iter_list[k]),
+            jax.random.split(rng, self.num_iter_list[k]),
+        ):
+            h_NxLxD = level.predict(cells, hidden_NxL, conds, offset)
+            index_NxC = order_NxL[:, start : start + count]
+            child_conds = level.trunk.handoff(h_NxLxD, index_NxC, grid, level.handoff_neighbours, num_out)
+            new = self.children(
+                k,
+                child_conds,
+                grid_lib.gather_tokens(cells, index_NxC),
+                grid_lib.gather_tokens(known, index_NxC),
+                round_rng,
+            )
+            cells = _put_tokens(cells, index_NxC, new)
+            hidden_NxL = _put_tokens(hidden_NxL, index_NxC, jnp.zeros(index_NxC.shape, bool))
+            start += count
+            if k == 0:
+                self.frames.append(grid_lib.unpatchify(cells, grid.rows, grid.cols, grid.patch))
+        return cells
 
-  def _ar(self, k, level, grid, conds, cells, known, num_out, rng):
-    n, num_tokens, _ = cells.shape
-    scan_L = jnp.asarray(level.scan(num_tokens))
-    neighbours = jnp.asarray(grid.neighbours())
-    offset = jnp.zeros((n,), jnp.int32)
-    h, caches = level.prefill(conds, n, num_tokens)
-    outputs = jnp.zeros((n, num_tokens, h.shape[-1]), h.dtype)
-    stride = -(-num_tokens // NUM_AR_FRAMES)
-    frames = jnp.zeros((NUM_AR_FRAMES if k == 0 else 0,) + cells.shape, cells.dtype)
+    def _ar(self, k, level, grid, conds, cells, known, num_out, rng):
+        n, num_tokens, _ = cells.shape
+        scan_L = jnp.asarray(level.scan(num_tokens))
+        neighbours = jnp.asarray(grid.neighbours())
+        offset = jnp.zeros((n,), jnp.int32)
+        h, caches = level.prefill(conds, n, num_tokens)
+        outputs = jnp.zeros((n, num_tokens, h.shape[-1]), h.dtype)
+        stride = -(-num_tokens // NUM_AR_FRAMES)
+        frames = jnp.zeros((NUM_AR_FRAMES if k == 0 else 0,) + cells.shape, cells.dtype)
 
-    def step(i, state):
-      h, caches, cells, outputs, frames = state
-      g = scan_L[i]
-      outputs = outputs.at[:, g].set(h)
-      child_conds = [h]
-      for name in grid_lib.NEIGHBOURS[: num_out - 1]:
-        nbr = neighbours[grid_lib.NEIGHBOURS.index(name), g]
-        usable = (nbr >= 0) & (name in level.handoff_neighbours)
-        child_conds.append(jnp.where(usable, outputs[:, jnp.maximum(nbr, 0)], 0).astype(h.dtype))
-      child_conds = jnp.stack(child_conds, axis=1)[:, None]
-      new = self.children(k, child_conds, cells[:, g][:, None], known[:, g][:, None], jax.random.fold_in(rng, i))
-      cells = cells.at[:, g].set(new[:, 0])
-      h, caches = level.decode(caches, new[:, 0], i + 1, g, num_tokens, offset)
-      if k == 0:
-        frames = jax.lax.cond(
-          (i + 1) % stride == 0, lambda f: f.at[(i + 1) // stride - 1].set(cells), lambda f: f, frames
-        )
-      return h, caches, cells, outputs, frames
+        def step(i, state):
+            h, caches, cells, outputs, frames = state
+            g = scan_L[i]
+            outputs = outputs.at[:, g].set(h)
+            child_conds = [h]
+            for name in grid_lib.NEIGHBOURS[: num_out - 1]:
+                nbr = neighbours[grid_lib.NEIGHBOURS.index(name), g]
+                usable = (nbr >= 0) & (name in level.handoff_neighbours)
+                child_conds.append(jnp.where(usable, outputs[:, jnp.maximum(nbr, 0)], 0).astype(h.dtype))
+            child_conds = jnp.stack(child_conds, axis=1)[:, None]
+            new = self.children(
+                k, child_conds, cells[:, g][:, None], known[:, g][:, None], jax.random.fold_in(rng, i)
+            )
+            cells = cells.at[:, g].set(new[:, 0])
+            h, caches = level.decode(caches, new[:, 0], i + 1, g, num_tokens, offset)
+            if k == 0:
+                frames = jax.lax.cond(
+                    (i + 1) % stride == 0,
+                    lambda f: f.at[(i + 1) // stride - 1].set(cells),
+                    lambda f: f,
+                    frames,
+                )
+            return h, caches, cells, outputs, frames
 
-    _, _, cells, _, frames = jax.lax.fori_loop(0, num_tokens, step, (h, caches, cells, outputs, frames))
-    if k == 0:
-      self.frames.extend(
-        grid_lib.unpatchify(frames[j], grid.rows, grid.cols, grid.patch) for j in range(frames.shape[0])
-      )
-    return cells
+        _, _, cells, _, frames = jax.lax.fori_loop(0, num_tokens, step, (h, caches, cells, outputs, frames))
+        if k == 0:
+            self.frames.extend(
+                grid_lib.unpatchify(frames[j], grid.rows, grid.cols, grid.patch)
+                for j in range(frames.shape[0])
+            )
+        return cells
 
 
-def sample(model: FractalModel, config: Config, known_cells_BxHxW, known_mask_BxHxW, rng, num_iter_list, temperature):
-  """Returns (rolls B x 128 x W int32, frames F x B x 128 x W: the canvas after each level-0
-  round, or every 1/16 of an AR level 0). Not jitted; see `make_sampler`."""
-  batch, height, width = known_cells_BxHxW.shape
-  full_width = padded_width(config, width)
-  pad = ((0, 0), (0, 0), (0, full_width - width))
-  cells = jnp.pad(known_cells_BxHxW.astype(jnp.int32), pad)
-  known = jnp.pad(known_mask_BxHxW.astype(bool), pad)
-  sampler = _Sampler(model, config, tuple(num_iter_list), temperature)
-  rolls = sampler.level(0, None, cells, known, rng)[:, :, :width]
-  frames = jnp.stack([f[:, :, :width] for f in sampler.frames]) if sampler.frames else rolls[None]
-  return rolls, frames
+def sample(
+    model: FractalModel, config: Config, known_cells_BxHxW, known_mask_BxHxW, rng, num_iter_list, temperature
+):
+    """Returns (rolls B x 128 x W int32, frames F x B x 128 x W: the canvas after each level-0
+    round, or every 1/16 of an AR level 0). Not jitted; see `make_sampler`."""
+    batch, height, width = known_cells_BxHxW.shape
+    full_width = padded_width(config, width)
+    pad = ((0, 0), (0, 0), (0, full_width - width))
+    cells = jnp.pad(known_cells_BxHxW.astype(jnp.int32), pad)
+    known = jnp.pad(known_mask_BxHxW.astype(bool), pad)
+    sampler = _Sampler(model, config, tuple(num_iter_list), temperature)
+    rolls = sampler.level(0, None, cells, known, rng)[:, :, :width]
+    frames = jnp.stack([f[:, :, :width] for f in sampler.frames]) if sampler.frames else rolls[None]
+    return rolls, frames
 
 
 @functools.lru_cache(maxsize=16)
 def make_sampler(graphdef, config: Config, num_iter_list: tuple[int, ...]):
-  """The jitted program: (params, known_cells, known_mask, rng, temperature) -> (rolls, frames).
-  One compile per (batch, width); a second call with the same shapes reuses it."""
+    """The jitted program: (params, known_cells, known_mask, rng, temperature) -> (rolls, frames).
+    One compile per (batch, width); a second call with the same shapes reuses it."""
 
-  @jax.jit
-  def run(params, known_cells_BxHxW, known_mask_BxHxW, rng, temperature):
-    model = nnx.merge(graphdef, params)
-    return sample(model, config, known_cells_BxHxW, known_mask_BxHxW, rng, num_iter_list, temperature)
+    @jax.jit
+    def run(params, known_cells_BxHxW, known_mask_BxHxW, rng, temperature):
+        model = nnx.merge(graphdef, params)
+        return sample(model, config, known_cells_BxHxW, known_mask_BxHxW, rng, num_iter_list, temperature)
 
-  return run
+    return run
 
 
 def unconditional_inputs(batch: int, width: int):
-  """Nothing known: an empty canvas."""
-  return np.zeros((batch, NUM_PITCHES, width), np.uint8), np.zeros((batch, NUM_PITCHES, width), bool)
+    """Nothing known: an empty canvas."""
+    return np.zeros((batch, NUM_PITCHES, width), np.uint8), np.zeros((batch, NUM_PITCHES, width), bool)

@@ -79,7 +79,8 @@ def smf(tracks, division=TPQ, fmt=1, extra=b""):
 def notes_track(notes, tpq=TPQ, channel=0, leading=()):
     """A track from (onset_tick, off_tick, pitch, velocity) notes (note-offs before note-ons at a tick)."""
     events = sorted(
-        [(t0, 1, on(p, v, channel)) for t0, _, p, v in notes] + [(t1, 0, off(p, channel)) for _, t1, p, _ in notes],
+        [(t0, 1, on(p, v, channel)) for t0, _, p, v in notes]
+        + [(t1, 0, off(p, channel)) for _, t1, p, _ in notes],
         key=lambda e: (e[0], e[1]),
     )
     out, now = list(leading), 0
@@ -114,12 +115,20 @@ def test_repeated_notes_and_chords_round_trip_exactly(tmp_path):
     s = STEP
     notes = [
         # back-to-back repeated sixteenths and eighths of one pitch
-        (0, 2 * s, 60, 90), (2 * s, 4 * s, 60, 70), (4 * s, 6 * s, 60, 110), (6 * s, 8 * s, 60, 50),
+        (0, 2 * s, 60, 90),
+        (2 * s, 4 * s, 60, 70),
+        (4 * s, 6 * s, 60, 110),
+        (6 * s, 8 * s, 60, 50),
         # repeated chords, back to back
-        (8 * s, 12 * s, 64, 80), (8 * s, 12 * s, 67, 81), (8 * s, 12 * s, 72, 82),
-        (12 * s, 16 * s, 64, 60), (12 * s, 16 * s, 67, 61), (12 * s, 16 * s, 72, 62),
+        (8 * s, 12 * s, 64, 80),
+        (8 * s, 12 * s, 67, 81),
+        (8 * s, 12 * s, 72, 82),
+        (12 * s, 16 * s, 64, 60),
+        (12 * s, 16 * s, 67, 61),
+        (12 * s, 16 * s, 72, 62),
         # a held bass under the chords, then a repeated long note
-        (8 * s, 24 * s, 36, 100), (24 * s, 28 * s, 36, 100),
+        (8 * s, 24 * s, 36, 100),
+        (24 * s, 28 * s, 36, 100),
     ]
     score = read_score(write(tmp_path, smf([notes_track(notes)])))
     want = sorted((t0 // s, p, v) for t0, _, p, v in notes)
@@ -150,13 +159,20 @@ def test_write_midi_keeps_steps_at_any_tempo(tmp_path):
 
 
 def test_roll_encoding():
-    notes = np.array([
-        [0, 4, 60, 50], [4, 6, 60, 90],  # back to back: one-step gap
-        [10, 20, 62, 40], [12, 14, 62, 100],  # a re-strike inside a held note ends it
-        [30, 31, 64, 70], [31, 33, 64, 20],  # a one-step note then an onset: split by velocity
-        [35, 36, 64, 20], [36, 37, 64, 20],  # ... and of one velocity: they merge
-        [40, 50, 65, 30], [40, 45, 65, 80],  # two notes at one onset: loudest, longest
-    ])
+    notes = np.array(
+        [
+            [0, 4, 60, 50],
+            [4, 6, 60, 90],  # back to back: one-step gap
+            [10, 20, 62, 40],
+            [12, 14, 62, 100],  # a re-strike inside a held note ends it
+            [30, 31, 64, 70],
+            [31, 33, 64, 20],  # a one-step note then an onset: split by velocity
+            [35, 36, 64, 20],
+            [36, 37, 64, 20],  # ... and of one velocity: they merge
+            [40, 50, 65, 30],
+            [40, 45, 65, 80],  # two notes at one onset: loudest, longest
+        ]
+    )
     roll = notes_to_roll(notes, 60)
     assert roll.shape == (128, 60) and roll.dtype == np.uint8
     assert roll[60, :7].tolist() == [50, 50, 50, 0, 90, 90, 0]
@@ -164,8 +180,14 @@ def test_roll_encoding():
     assert roll[64, 30:38].tolist() == [70, 20, 20, 0, 0, 20, 20, 0]
     assert roll[65, 40:51].tolist() == [80] * 10 + [0]
     assert roll_to_notes(roll).tolist() == [
-        [0, 3, 60, 50], [4, 6, 60, 90], [10, 11, 62, 40], [12, 14, 62, 100],
-        [30, 31, 64, 70], [31, 33, 64, 20], [35, 37, 64, 20], [40, 50, 65, 80],
+        [0, 3, 60, 50],
+        [4, 6, 60, 90],
+        [10, 11, 62, 40],
+        [12, 14, 62, 100],
+        [30, 31, 64, 70],
+        [31, 33, 64, 20],
+        [35, 37, 64, 20],
+        [40, 50, 65, 80],
     ]
     loud = [[4, 6, 60, 90], [12, 14, 62, 100], [30, 31, 64, 70], [40, 50, 65, 80]]
     assert roll_to_notes(roll, min_velocity=60).tolist() == loud
@@ -203,15 +225,18 @@ GOOD_TRACK = notes_track([(0, STEP, 60, 100)])
         (smf([GOOD_TRACK], fmt=3), "format"),
         (chunk(b"MThd", b"\x00\x01\x00"), "length 3 < 6"),
         (smf([GOOD_TRACK])[:-5], "truncated: track 1 declares"),
-        (smf([chunk(b"MTrk", b"")[:4] + (10**9).to_bytes(4, "big") + b"\x00\x90"]), "declares 1000000000 bytes"),
+        (
+            smf([chunk(b"MTrk", b"")[:4] + (10**9).to_bytes(4, "big") + b"\x00\x90"]),
+            "declares 1000000000 bytes",
+        ),
         (smf([track([(0, tempo(microseconds=0)), (0, on(60)), (STEP, off(60))])]), "zero tempo"),
         (smf([track([(0, bytes([0xFF, 0x01]) + vlq(2**27) + b"abc"), (0, on(60))])]), "meta event"),
         (smf([track([(0, bytes([0xF0]) + vlq(2**27) + b"abc"), (0, on(60))])]), "sysex"),
-        (smf([track([(0, on(60)), (0, b"\xFF\x7F\xFF\xFF\xFF\xFF\x7F")])]), "longer than 4 bytes"),
-        (smf([track([(0, b"\x90\x3C\x90")])]), "status byte inside a channel message"),
-        (smf([track([(0, b"\x3C\x40")])]), "without a status byte"),
-        (smf([track([(0, b"\xF2\x01\x02")])]), "unexpected status byte 0xF2"),
-        (smf([chunk(b"MTrk", b"\x00\x90\x3C")]), "truncated: track 1 ends inside a channel message"),
+        (smf([track([(0, on(60)), (0, b"\xff\x7f\xff\xff\xff\xff\x7f")])]), "longer than 4 bytes"),
+        (smf([track([(0, b"\x90\x3c\x90")])]), "status byte inside a channel message"),
+        (smf([track([(0, b"\x3c\x40")])]), "without a status byte"),
+        (smf([track([(0, b"\xf2\x01\x02")])]), "unexpected status byte 0xF2"),
+        (smf([chunk(b"MTrk", b"\x00\x90\x3c")]), "truncated: track 1 ends inside a channel message"),
         (smf([track([(0, time_signature(4, 2))])]), "no notes"),
         (smf([notes_track([(0, STEP, 36, 100)], channel=9)]), "include_drums"),
         (smf([]), "no notes"),
@@ -289,7 +314,7 @@ def test_unknown_chunks_extreme_pitches_many_tracks_running_status(tmp_path):
     assert len(score.notes) == 301 and rows(score)[:2] == [(0, 1, 0, 1), (0, 1, 20, 50)]
     assert (1, 2, 127, 127) in rows(score)
 
-    running = track([(0, b"\x90\x3C\x40"), (0, b"\x40\x41"), (STEP, b"\x3C\x00"), (0, b"\x40\x00")])
+    running = track([(0, b"\x90\x3c\x40"), (0, b"\x40\x41"), (STEP, b"\x3c\x00"), (0, b"\x40\x00")])
     assert rows(read_score(write(tmp_path, smf([running]), "r.mid"))) == [(0, 1, 60, 64), (0, 1, 64, 65)]
 
 
@@ -301,8 +326,14 @@ def test_short_notes_and_duplicates(tmp_path):
 
 
 def test_missing_note_off_and_restrike(tmp_path):
-    events = [(0, on(60, 80)), (3 * STEP, on(60, 90)), (2 * STEP, off(60)),  # re-strike
-              (0, on(62, 70)), (STEP, on(64, 60)), (8 * STEP, meta(0x01, b"end"))]  # never released
+    events = [
+        (0, on(60, 80)),
+        (3 * STEP, on(60, 90)),
+        (2 * STEP, off(60)),  # re-strike
+        (0, on(62, 70)),
+        (STEP, on(64, 60)),
+        (8 * STEP, meta(0x01, b"end")),
+    ]  # never released
     score = read_score(write(tmp_path, smf([track(events)])))
     assert rows(score) == [(0, 3, 60, 80), (3, 5, 60, 90), (5, 14, 62, 70), (6, 14, 64, 60)]
     vel0 = track([(0, on(60)), (STEP * 2, on(60, 0)), (STEP, on(60, 50))])  # velocity 0 = note-off
@@ -310,17 +341,27 @@ def test_missing_note_off_and_restrike(tmp_path):
 
 
 def test_sustain_pedal(tmp_path):
-    events = [(0, cc(64, 127)), (0, on(60)), (STEP, off(60)), (0, on(62)), (STEP, off(62)),
-              (2 * STEP, on(62, 50)),  # struck again while held: ends the held 62
-              (STEP, off(62)), (2 * STEP, cc(64, 0)),  # pedal up: 60 and the second 62 end
-              (0, on(65)), (STEP, off(65))]  # after the pedal: unaffected
+    events = [
+        (0, cc(64, 127)),
+        (0, on(60)),
+        (STEP, off(60)),
+        (0, on(62)),
+        (STEP, off(62)),
+        (2 * STEP, on(62, 50)),  # struck again while held: ends the held 62
+        (STEP, off(62)),
+        (2 * STEP, cc(64, 0)),  # pedal up: 60 and the second 62 end
+        (0, on(65)),
+        (STEP, off(65)),
+    ]  # after the pedal: unaffected
     data = smf([track(events)])
     plain = rows(read_score(write(tmp_path, data)))
     assert plain == [(0, 1, 60, 100), (1, 2, 62, 100), (4, 5, 62, 50), (7, 8, 65, 100)]
     pedal = rows(read_score(write(tmp_path, data), ReadOptions(sustain_pedal=True)))
     assert pedal == [(0, 7, 60, 100), (1, 4, 62, 100), (4, 7, 62, 50), (7, 8, 65, 100)]
     pedalled = ReadOptions(sustain_pedal=True)
-    other_channel = smf([track([(0, cc(64, 127, channel=1)), (0, on(60)), (STEP, off(60)), (4 * STEP, cc(64, 0, 1))])])
+    other_channel = smf(
+        [track([(0, cc(64, 127, channel=1)), (0, on(60)), (STEP, off(60)), (4 * STEP, cc(64, 0, 1))])]
+    )
     assert rows(read_score(write(tmp_path, other_channel, "c.mid"), pedalled)) == [(0, 1, 60, 100)]
     held_to_end = smf([track([(0, cc(64, 100)), (0, on(60)), (STEP, off(60)), (5 * STEP, meta(0x01, b"."))])])
     assert rows(read_score(write(tmp_path, held_to_end, "e.mid"), pedalled)) == [(0, 6, 60, 100)]

@@ -19,7 +19,9 @@ def write(path, notes):
     piano = pretty_midi.Instrument(program=0)
     for onset, end, pitch, velocity in notes:
         piano.notes.append(
-            pretty_midi.Note(velocity=velocity, pitch=pitch, start=onset * SECONDS_PER_STEP, end=end * SECONDS_PER_STEP)
+            pretty_midi.Note(
+                velocity=velocity, pitch=pitch, start=onset * SECONDS_PER_STEP, end=end * SECONDS_PER_STEP
+            )
         )
     pm.instruments.append(piano)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -100,7 +102,9 @@ def test_overlapping_area():
 
 def make_set(tmp_path, name, seed, files=12, density=0.3, low=40, high=80):
     rng = np.random.default_rng(seed)
-    paths = [write(tmp_path / name / f"{i}.mid", random_song(rng, 16, density, low, high)) for i in range(files)]
+    paths = [
+        write(tmp_path / name / f"{i}.mid", random_song(rng, 16, density, low, high)) for i in range(files)
+    ]
     return music_stats.set_stats(*music_stats.load_notes(paths))
 
 
@@ -140,8 +144,10 @@ def test_bootstrap_intervals_contain_the_point_estimate(tmp_path):
 
 def test_bootstrap_mean_of_pooled_values(tmp_path):
     songs = music_stats.set_stats(
-        [("q", midi.read_score(write(tmp_path / "q.mid", QUARTERS)).notes),
-         ("t", midi.read_score(write(tmp_path / "t.mid", TRIAD)).notes)]
+        [
+            ("q", midi.read_score(write(tmp_path / "q.mid", QUARTERS)).notes),
+            ("t", midi.read_score(write(tmp_path / "t.mid", TRIAD)).notes),
+        ]
     )
     summary = music_stats.compare(songs, songs, bootstrap=50)["sets"]["generated"]["features"]
     assert summary["polyphony"]["mean"] == pytest.approx(2.0)  # 16 steps of 1, 16 steps of 3
@@ -183,7 +189,14 @@ def test_copying_check_finds_a_shifted_copy(tmp_path):
 
 def test_copying_check_min_cells_and_shift_range(tmp_path):
     train = [("t", midi.read_score(write(tmp_path / "t.mid", bar_notes(PATTERN))).notes)]
-    far = [("g", midi.read_score(write(tmp_path / "g.mid", bar_notes(PATTERN, 20) + bar_notes([(0, 1, 60)], 0, 1))).notes)]
+    far = [
+        (
+            "g",
+            midi.read_score(
+                write(tmp_path / "g.mid", bar_notes(PATTERN, 20) + bar_notes([(0, 1, 60)], 0, 1))
+            ).notes,
+        )
+    ]
     result = music_stats.copying_check(far, train, max_shift=12, min_cells=2)
     assert result["checked_bars"] == 1  # the one-cell bar is not checked
     assert result["bars"][0]["best_iou"] < 0.8  # a copy 20 semitones up is out of the shift range
@@ -220,9 +233,21 @@ def test_cli_end_to_end(tmp_path, capsys):
     (tmp_path / "gen" / "broken.mid").write_bytes(b"garbage")
     (tmp_path / "ref.txt").write_text("\n".join(f"ref/{i}.mid" for i in range(4)))
 
-    evaluate.main(["music", "--generated", str(tmp_path / "gen"), "--reference", str(tmp_path / "ref.txt"),
-                   "--out", str(tmp_path / "out" / "music.json"), "--png", str(tmp_path / "out" / "music.png"),
-                   "--bootstrap", "50"])
+    evaluate.main(
+        [
+            "music",
+            "--generated",
+            str(tmp_path / "gen"),
+            "--reference",
+            str(tmp_path / "ref.txt"),
+            "--out",
+            str(tmp_path / "out" / "music.json"),
+            "--png",
+            str(tmp_path / "out" / "music.png"),
+            "--bootstrap",
+            "50",
+        ]
+    )
     printed = capsys.readouterr()
     assert "broken.mid" in printed.err
     assert "notes_per_bar" in printed.out and "mean OA" in printed.out
@@ -232,8 +257,17 @@ def test_cli_end_to_end(tmp_path, capsys):
     with Image.open(tmp_path / "out" / "music.png") as image:
         assert image.size[0] > 600 and image.size[1] > 600
 
-    evaluate.main(["copying", "--generated", str(tmp_path / "gen"), "--train", str(tmp_path / "ref"),
-                   "--out", str(tmp_path / "out" / "copying.json")])
+    evaluate.main(
+        [
+            "copying",
+            "--generated",
+            str(tmp_path / "gen"),
+            "--train",
+            str(tmp_path / "ref"),
+            "--out",
+            str(tmp_path / "out" / "copying.json"),
+        ]
+    )
     copying = json.loads((tmp_path / "out" / "copying.json").read_text())
     assert copying["checked_bars"] == len(copying["bars"]) > 0
     assert all(0.0 <= b["best_iou"] <= 1.0 for b in copying["bars"])
