@@ -152,6 +152,7 @@ def fractal_loss(model: FractalModel, config: Config, roll_BxHxW, rng, train: bo
     loss = jnp.sum(weight * cross_entropy) / reached
     sounding = target_N > 0
     stats["loss"] = loss
+    stats["reached_cells"] = reached
     stats["loss_sounding_cells"] = jnp.sum(jnp.where(sounding, weight * cross_entropy, 0)) / reached
     for k, per_sample in enumerate(reached_per_level):
         stats[f"level_{k}/tokens_per_sample"] = jnp.sum(per_sample * sample_weight) / jnp.sum(sample_weight)

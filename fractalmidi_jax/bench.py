@@ -1,0 +1,200 @@
+"""Speed of training and sampling against the PyTorch reference (DESIGN.md section 5).
+
+    python -m fractalmidi_jax.bench                  # every case, one table
+    python -m fractalmidi_jax.bench --only train     # cases whose name contains 'train'
+
+Each case compiles once (compile time reported), runs warm-up steps, then times `--steps`
+steps with device synchronisation and reports the median. Inputs are realistic sparse rolls
+(about 3% of cells sounding, notes of 1-16 steps). Memory is XLA's own account of the
+compiled program (arguments + temporaries + outputs). Model FLOP utilisation counts the
+matmul and attention FLOPs the budgets compute (fractal.train_flops_per_sample) against the
+chip's dense bf16 peak.
+"""
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from fractalmidi_jax import sampler as sampler_lib
+from fractalmidi_jax import sharding, steps
+from fractalmidi_jax.config import Config
+from fractalmidi_jax.fractal import train_flops_per_sample
+
+PEAK_BF16_FLOPS = 989e12  # H200 dense bf16, the vendor's figure
+ALL_AR = ("ar", "ar", "ar", "ar")
+
+# name: (kind, width, batch, precision, generator types, reference seconds per step or batch)
+CASES = {
+    "train 128x128 b16 fp32": ("train", 128, 16, "32", None, 0.083),
+    "train 128x128 b16 bf16": ("train", 128, 16, "bf16", None, 0.106),
+    "train 128x512 b4 bf16": ("train", 512, 4, "bf16", None, 0.118),
+    "train 128x512 b16 fp32": ("train", 512, 16, "32", None, 0.165),
+    "train 128x512 b16 bf16": ("train", 512, 16, "bf16", None, 0.149),
+    "train 128x128 b64 bf16": ("train", 128, 64, "bf16", None, 0.133),
+    "train 128x512 b64 bf16": ("train", 512, 64, "bf16", None, 0.382),
+    "train all-AR 128x128 b16 bf16": ("train", 128, 16, "bf16", ALL_AR, 0.074),
+    "sample 128x128 b4": ("sample", 128, 4, "bf16", None, 1.87),
+    "sample 128x512 b4": ("sample", 512, 4, "bf16", None, 1.93),
+    "sample 128x128 b16": ("sample", 128, 16, "bf16", None, 1.83),
+    "sample 128x512 b16": ("sample", 512, 16, "bf16", None, 1.91),
+    "sample 128x512 b64": ("sample", 512, 64, "bf16", None, 3.31),
+}
+BEST_BATCHES = (16, 32, 64, 128, 256)
+REFERENCE_BEST = 168.0  # samples/s, 128x512 batch 64 bf16
+
+
+def realistic_rolls(batch: int, width: int, seed: int = 0) -> np.ndarray:
+    """Sparse rolls like POP909 crops: chords and runs of notes of 1-16 steps, ~3% sounding."""
+    rng = np.random.default_rng(seed)
+    rolls = np.zeros((batch, 128, width), np.uint8)
+    for roll in rolls:
+        while (roll > 0).mean() < 0.03:
+            start, length = rng.integers(0, width), rng.integers(1, 17)
+            pitch, velocity = rng.integers(36, 96), rng.integers(40, 110)
+            roll[pitch, start : start + length] = velocity
+    return rolls
+
+
+def _median_seconds(run, count: int) -> float:
+    times = []
+    for _ in range(count):
+        start = time.perf_counter()
+        jax.block_until_ready(run())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _memory_gib(compiled) -> float:
+    stats = compiled.memory_analysis()
+    if stats is None:
+        return float("nan")
+    used = stats.argument_size_in_bytes + stats.temp_size_in_bytes + stats.output_size_in_bytes
+    return (used - stats.alias_size_in_bytes) / 2**30
+
+
+def bench_train(config: Config, batch: int, width: int, num_steps: int) -> dict:
+    config = config.replace(crop_length=width, train_batch_size=batch, max_crop_length=max(width, 512))
+    mesh = sharding.make_mesh("1")
+    graphdef, state = steps.init_state(config)
+    state = steps.place_state(state, mesh)
+    rolls = jax.device_put(realistic_rolls(batch, width), sharding.batch_sharding(mesh))
+    key = jax.random.key(0)
+    train_step = steps.make_train_step(graphdef, config, mesh)
+    start = time.perf_counter()
+    compiled = train_step.lower(state, rolls, key).compile()
+    compile_s = time.perf_counter() - start
+    holder = {"state": state}
+
+    def run():
+        holder["state"], metrics = compiled(holder["state"], rolls, key)
+        return metrics["loss"]
+
+    for _ in range(3):
+        run()
+    seconds = _median_seconds(run, num_steps)
+    flops = train_flops_per_sample(config, width) * batch
+    return {
+        "compile_s": compile_s,
+        "seconds": seconds,
+        "samples_per_s": batch / seconds,
+        "memory_gib": _memory_gib(compiled),
+        "mfu": flops / seconds / PEAK_BF16_FLOPS,
+    }
+
+
+def bench_sample(config: Config, batch: int, width: int, num_iter: tuple[int, ...], repeats: int) -> dict:
+    config = config.replace(max_crop_length=max(width, 512))
+    graphdef, state = steps.init_state(config)
+    params = state["params"]
+    run_sampler = sampler_lib.make_sampler(graphdef, config, num_iter)
+    cells, known = sampler_lib.unconditional_inputs(batch, width)
+    start = time.perf_counter()
+    compiled = run_sampler.lower(params, cells, known, jax.random.key(0), jnp.float32(1.0)).compile()
+    compile_s = time.perf_counter() - start
+    key = jax.random.key(1)
+    run = lambda: compiled(params, cells, known, key, jnp.float32(1.0))[0]
+    run()
+    seconds = _median_seconds(run, repeats)
+    return {
+        "compile_s": compile_s,
+        "seconds": seconds,
+        "samples_per_s": batch / seconds,
+        "memory_gib": _memory_gib(compiled),
+    }
+
+
+def run_cases(names, base: Config, num_steps: int, num_iter) -> list[dict]:
+    rows = []
+    for name in names:
+        kind, width, batch, precision, generator_types, reference = CASES[name]
+        config = base.replace(precision=precision, generator_types=generator_types or base.generator_types)
+        if kind == "train":
+            result = bench_train(config, batch, width, num_steps)
+        else:
+            result = bench_sample(config, batch, width, num_iter, max(3, num_steps // 3))
+        result.update(name=name, reference_seconds=reference, speedup=reference / result["seconds"])
+        rows.append(result)
+        print(_format_row(result), flush=True)
+    return rows
+
+
+def best_batch(base: Config, num_steps: int, batches) -> list[dict]:
+    rows = []
+    for batch in batches:
+        try:
+            result = bench_train(base.replace(precision="bf16"), batch, 512, num_steps)
+        except Exception as error:  # out of memory ends the search
+            print(f"batch {batch}: {type(error).__name__}: {str(error).splitlines()[0][:120]}")
+            break
+        result.update(
+            name=f"best? train 128x512 b{batch} bf16",
+            reference_seconds=batch / REFERENCE_BEST,
+            speedup=result["samples_per_s"] / REFERENCE_BEST,
+        )
+        rows.append(result)
+        print(_format_row(result), flush=True)
+    return rows
+
+
+HEADER = (
+    f"{'case':34s} {'ours s':>9s} {'ref s':>7s} {'speedup':>8s} {'samples/s':>10s} "
+    f"{'mem GiB':>8s} {'compile s':>9s} {'MFU':>6s}"
+)
+
+
+def _format_row(row: dict) -> str:
+    mfu = f"{100 * row['mfu']:5.1f}%" if "mfu" in row else "     -"
+    return (
+        f"{row['name']:34s} {row['seconds']:9.4f} {row['reference_seconds']:7.3f} {row['speedup']:7.1f}x "
+        f"{row['samples_per_s']:10.1f} {row['memory_gib']:8.2f} {row['compile_s']:9.1f} {mfu}"
+    )
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="", help="run the cases whose name contains this text")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per training case")
+    parser.add_argument("--num_iter_list", type=int, nargs="+", default=[12, 8, 4, 1])
+    parser.add_argument("--best_batches", type=int, nargs="*", default=list(BEST_BATCHES))
+    parser.add_argument("--out", default="", help="write the rows as JSON here")
+    args = parser.parse_args(argv)
+    base = Config(attn_dropout=0.1, proj_dropout=0.1)
+    print(f"{jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}")
+    print(HEADER)
+    names = [n for n in CASES if args.only in n]
+    rows = run_cases(names, base, args.steps, tuple(args.num_iter_list))
+    if args.best_batches and (not args.only or args.only in "best"):
+        rows += best_batch(base, args.steps, args.best_batches)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

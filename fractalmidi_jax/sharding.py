@@ -1,0 +1,57 @@
+"""Data parallelism: one mesh over the chosen devices, the batch split on its `data` axis,
+everything else replicated.
+
+Multi-host: when a cluster's variables are set (JAX_COORDINATOR_ADDRESS with
+JAX_NUM_PROCESSES and JAX_PROCESS_ID, or SLURM / Open MPI ones that jax.distributed
+recognises), `maybe_initialize_distributed` starts jax.distributed before anything touches a
+device; every process then feeds its own slice of the global batch.
+"""
+
+import os
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from fractalmidi_jax.config import parse_devices
+
+DATA_AXIS = "data"
+_CLUSTER_VARIABLES = ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
+
+
+def maybe_initialize_distributed() -> None:
+    if any(name in os.environ for name in _CLUSTER_VARIABLES) and not jax.distributed.is_initialized():
+        jax.distributed.initialize()
+
+
+def make_mesh(devices_spec: str) -> Mesh:
+    """'all' -> every device of every process; '2' or '0,1' -> those local devices (one process)."""
+    chosen = parse_devices(devices_spec)
+    if chosen is None:
+        devices = jax.devices()
+    else:
+        local = jax.local_devices()
+        if jax.process_count() > 1:
+            raise ValueError("--devices must be 'all' when running on several processes")
+        if max(chosen) >= len(local):
+            raise ValueError(f"--devices {devices_spec}: only {len(local)} device(s) here ({local[0].platform})")
+        devices = [local[i] for i in chosen]
+    return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def num_local_devices(mesh: Mesh) -> int:
+    return sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+
+
+def global_batch(mesh: Mesh, local_batch: dict) -> dict:
+    """This process's slice of the batch (numpy) -> global arrays sharded over `data`."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}

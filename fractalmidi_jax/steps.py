@@ -1,0 +1,102 @@
+"""The training state and the jitted steps, built once per run with explicit shardings.
+
+State (a dict, so orbax and optax see plain pytrees): params (float32), ema (if on),
+opt_state, step (micro-batches consumed: the data position), nonfinite (a NaN or inf loss
+was seen since the start; checked on the host before every checkpoint).
+Random keys: step s uses fold_in(key(seed), s), so a resumed run draws the same masks.
+"""
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from fractalmidi_jax import optim
+from fractalmidi_jax.config import Config
+from fractalmidi_jax.fractal import build_model, fractal_loss
+from fractalmidi_jax.sharding import batch_sharding, replicated
+
+LOSS_SCALE = {"16": 2.0**10}  # float16 gradients underflow without a (static) loss scale
+
+
+def init_state(config: Config):
+    """Returns (graphdef, state) on the host; `place_state` puts it on the mesh."""
+    graphdef, params = nnx.split(build_model(config, config.seed))
+    params = nnx.to_pure_dict(params)
+    state = {
+        "params": params,
+        "opt_state": optim.make_optimizer(config).init(params),
+        "step": jnp.zeros((), jnp.int32),
+        "nonfinite": jnp.zeros((), bool),
+    }
+    if config.ema_decay > 0:
+        state["ema"] = jax.tree.map(jnp.copy, params)
+    return graphdef, state
+
+
+def abstract_state(config: Config):
+    """Shapes and dtypes of the state, without allocating it (for restoring checkpoints)."""
+    return jax.eval_shape(lambda: init_state(config)[1])
+
+
+def place_state(state, mesh):
+    return jax.device_put(state, replicated(mesh))
+
+
+def eval_params(state):
+    return state.get("ema", state["params"])
+
+
+def make_train_step(graphdef, config: Config, mesh):
+    optimizer = optim.make_optimizer(config)
+    schedule = optim.learning_rate(config)
+    scale = LOSS_SCALE.get(config.precision, 1.0)
+    accumulate = config.accumulate_grad_batches
+
+    def train_step(state, roll_BxHxW, key):
+        rng = jax.random.fold_in(key, state["step"])
+
+        def scaled_loss(params):
+            loss, stats = fractal_loss(nnx.merge(graphdef, params), config, roll_BxHxW, rng, train=True)
+            return loss * scale, stats
+
+        grads, stats = jax.grad(scaled_loss, has_aux=True)(state["params"])
+        grads = jax.tree.map(lambda g: g / scale, grads)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        update_step = state["step"] // accumulate
+        new_state = dict(
+            state,
+            params=params,
+            opt_state=opt_state,
+            step=state["step"] + 1,
+            nonfinite=state["nonfinite"] | ~jnp.isfinite(stats["loss"]),
+        )
+        if "ema" in state:
+            updated = (state["step"] + 1) % accumulate == 0
+            ema = optim.ema_update(state["ema"], params, update_step, config.ema_decay)
+            new_state["ema"] = jax.tree.map(lambda new, old: jnp.where(updated, new, old), ema, state["ema"])
+        metrics = dict(stats, grad_norm=optax.global_norm(grads), lr=schedule(update_step))
+        return new_state, metrics
+
+    return jax.jit(
+        train_step,
+        in_shardings=(replicated(mesh), batch_sharding(mesh), replicated(mesh)),
+        out_shardings=(replicated(mesh), replicated(mesh)),
+        donate_argnums=(0,),
+    )
+
+
+def make_eval_step(graphdef, config: Config, mesh):
+    """(params, roll, weight, key) -> (sum of cell losses, cells reached): the NLL estimator
+    (uniform masks), so batches combine into one exact average."""
+
+    def eval_step(params, roll_BxHxW, weight_B, key):
+        loss, stats = fractal_loss(nnx.merge(graphdef, params), config, roll_BxHxW, key, False, weight_B)
+        return loss * stats["reached_cells"], stats["reached_cells"]
+
+    return jax.jit(
+        eval_step,
+        in_shardings=(replicated(mesh), batch_sharding(mesh), batch_sharding(mesh), replicated(mesh)),
+        out_shardings=(replicated(mesh), replicated(mesh)),
+    )
