@@ -78,7 +78,7 @@ def _memory_gib(compiled) -> float:
     return (used - stats.alias_size_in_bytes) / 2**30
 
 
-def bench_train(config: Config, batch: int, width: int, num_steps: int) -> dict:
+def bench_train(config: Config, batch: int, width: int, num_steps: int, profile_dir: str = "") -> dict:
     config = config.replace(crop_length=width, train_batch_size=batch, max_crop_length=max(width, 512))
     mesh = sharding.make_mesh("1")
     graphdef, state = steps.init_state(config)
@@ -98,6 +98,9 @@ def bench_train(config: Config, batch: int, width: int, num_steps: int) -> dict:
     for _ in range(3):
         run()
     seconds = _median_seconds(run, num_steps)
+    if profile_dir:
+        with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+            _median_seconds(run, 5)
     flops = train_flops_per_sample(config, width) * batch
     return {
         "compile_s": compile_s,
@@ -129,13 +132,13 @@ def bench_sample(config: Config, batch: int, width: int, num_iter: tuple[int, ..
     }
 
 
-def run_cases(names, base: Config, num_steps: int, num_iter) -> list[dict]:
+def run_cases(names, base: Config, num_steps: int, num_iter, profile_dir: str = "") -> list[dict]:
     rows = []
-    for name in names:
+    for i, name in enumerate(names):
         kind, width, batch, precision, generator_types, reference = CASES[name]
         config = base.replace(precision=precision, generator_types=generator_types or base.generator_types)
         if kind == "train":
-            result = bench_train(config, batch, width, num_steps)
+            result = bench_train(config, batch, width, num_steps, profile_dir if i == 0 else "")
         else:
             result = bench_sample(config, batch, width, num_iter, max(3, num_steps // 3))
         result.update(name=name, reference_seconds=reference, speedup=reference / result["seconds"])
@@ -178,18 +181,20 @@ def _format_row(row: dict) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="", help="run the cases whose name contains this text")
+    parser.add_argument("--only", nargs="*", default=[], help="run the cases whose name contains any of these")
+    parser.add_argument("--dropout", type=float, default=0.1, help="attention and projection dropout")
+    parser.add_argument("--profile", default="", help="write a Perfetto trace of 5 steps of the first case here")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per training case")
     parser.add_argument("--num_iter_list", type=int, nargs="+", default=[12, 8, 4, 1])
     parser.add_argument("--best_batches", type=int, nargs="*", default=list(BEST_BATCHES))
     parser.add_argument("--out", default="", help="write the rows as JSON here")
     args = parser.parse_args(argv)
-    base = Config(attn_dropout=0.1, proj_dropout=0.1)
+    base = Config(attn_dropout=args.dropout, proj_dropout=args.dropout)
     print(f"{jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}")
     print(HEADER)
-    names = [n for n in CASES if args.only in n]
-    rows = run_cases(names, base, args.steps, tuple(args.num_iter_list))
-    if args.best_batches and (not args.only or args.only in "best"):
+    names = [n for n in CASES if not args.only or any(text in n for text in args.only)]
+    rows = run_cases(names, base, args.steps, tuple(args.num_iter_list), args.profile)
+    if args.best_batches:
         rows += best_batch(base, args.steps, args.best_batches)
     if args.out:
         with open(args.out, "w") as f:

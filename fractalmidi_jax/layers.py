@@ -92,29 +92,39 @@ class Block(nnx.Module):
 
 
 class Transformer(nnx.Module):
-    """LayerNorm -> blocks -> LayerNorm, with optional rematerialisation and KV caches."""
+    """LayerNorm -> blocks -> LayerNorm. The blocks' weights are stacked on a leading layer
+    axis and run under `lax.scan`: one traced block per level (fast compiles) and a few large
+    parameter arrays (few optimizer kernels). KV caches are stacked the same way."""
 
     def __init__(self, dim, depth, num_heads, attn_dropout, proj_dropout, dtype, rngs, remat=False):
         self.remat = remat
+        self.depth = depth
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
         self.norm_in = layer_norm(dim, dtype, rngs)
-        self.blocks = nnx.List(
-            [Block(dim, num_heads, attn_dropout, proj_dropout, dtype, rngs) for _ in range(depth)]
-        )
+
+        @nnx.split_rngs(splits=depth)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_blocks(rngs):
+            return Block(dim, num_heads, attn_dropout, proj_dropout, dtype, rngs)
+
+        self.blocks = make_blocks(rngs)
         self.norm_out = layer_norm(dim, dtype, rngs)
 
     def __call__(self, x, mask=None, caches=None, cache_index=None, rng=None):
-        x = self.norm_in(x)
-        new_caches = []
-        for i, (block, block_rng) in enumerate(zip(self.blocks, split_key(rng, len(self.blocks)))):
-            cache = None if caches is None else caches[i]
-            if self.remat and cache is None:
-                x, _ = nnx.remat(lambda b, h, r: b(h, mask, None, None, r))(block, x, block_rng)
-            else:
-                x, cache = block(x, mask, cache, cache_index, block_rng)
-            new_caches.append(cache)
-        return self.norm_out(x), (None if caches is None else new_caches)
+        graphdef, stacked = nnx.split(self.blocks)
+        keys = None if rng is None else jax.random.split(rng, self.depth)
+
+        def layer(x, per_layer):
+            params, cache, key = per_layer
+            return nnx.merge(graphdef, params)(x, mask, cache, cache_index, key)
+
+        if self.remat:
+            layer = jax.checkpoint(layer)
+        x, caches = jax.lax.scan(layer, self.norm_in(x), (stacked, caches, keys))
+        return self.norm_out(x), caches
 
     def empty_caches(self, n: int, length: int, dtype):
-        """Zeroed KV caches for `n` sequences of `length` positions."""
-        shape = lambda b: (n, length, b.attn.num_heads, b.attn.qkv.in_features // b.attn.num_heads)
-        return [{"k": jnp.zeros(shape(b), dtype), "v": jnp.zeros(shape(b), dtype)} for b in self.blocks]
+        """Zeroed KV caches (layers x N x S x H x K) for `n` sequences of `length` positions."""
+        shape = (self.depth, n, length, self.num_heads, self.head_dim)
+        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}

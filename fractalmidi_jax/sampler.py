@@ -40,7 +40,7 @@ class _Sampler:
     def __init__(self, model: FractalModel, config: Config, num_iter_list, temperature):
         self.model, self.config = model, config
         self.num_iter_list, self.temperature = num_iter_list, temperature
-        self.frames = []
+        self.frames = []  # level-0 canvases, one per round (MAR) or per 1/16 of the scan (AR)
 
     def level(self, k, conds, cells_NxHxW, known_NxHxW, rng):
         num_out = 1 if k == self.config.num_levels - 1 else NUM_HANDOFF_CONDS
@@ -78,26 +78,40 @@ class _Sampler:
         order_NxL = masking.random_orders(order_rng, n, num_tokens)
         hidden_NxL = ~jnp.all(known, axis=-1)
         offset = jnp.zeros((n,), jnp.int32)
-        start = 0
-        for count, round_rng in zip(
-            masking.cosine_schedule(num_tokens, self.num_iter_list[k]),
-            jax.random.split(rng, self.num_iter_list[k]),
-        ):
+        counts = masking.cosine_schedule(num_tokens, self.num_iter_list[k])
+        round_keys = jax.random.split(rng, len(counts))
+
+        def one_round(cells, hidden_NxL, index_NxC, valid_C, key):
             h_NxLxD = level.predict(cells, hidden_NxL, conds, offset)
-            index_NxC = order_NxL[:, start : start + count]
             child_conds = level.trunk.handoff(h_NxLxD, index_NxC, grid, level.handoff_neighbours, num_out)
-            new = self.children(
-                k,
-                child_conds,
-                grid_lib.gather_tokens(cells, index_NxC),
-                grid_lib.gather_tokens(known, index_NxC),
-                round_rng,
-            )
-            cells = _put_tokens(cells, index_NxC, new)
-            hidden_NxL = _put_tokens(hidden_NxL, index_NxC, jnp.zeros(index_NxC.shape, bool))
-            start += count
-            if k == 0:
+            old = grid_lib.gather_tokens(cells, index_NxC)
+            new = self.children(k, child_conds, old, grid_lib.gather_tokens(known, index_NxC), key)
+            new = jnp.where(valid_C[None, :, None], new, old)
+            shown = grid_lib.gather_tokens(hidden_NxL, index_NxC) & ~valid_C[None, :]
+            return _put_tokens(cells, index_NxC, new), _put_tokens(hidden_NxL, index_NxC, shown)
+
+        if k == 0:  # unrolled: exact round sizes, and a frame per round for the GIF
+            start = 0
+            for count, key in zip(counts, round_keys):
+                index = order_NxL[:, start : start + count]
+                cells, hidden_NxL = one_round(cells, hidden_NxL, index, jnp.ones((count,), bool), key)
                 self.frames.append(grid_lib.unpatchify(cells, grid.rows, grid.cols, grid.patch))
+                start += count
+            return cells
+
+        # lower levels: one traced round under lax.scan; each round takes `widest` slots of the
+        # order and fills the first `count` of them (the rest write back what is there)
+        widest = max(counts)
+        padded_order = jnp.concatenate([order_NxL, order_NxL[:, :widest]], axis=1)
+        starts = np.cumsum((0,) + counts[:-1]).astype(np.int32)
+
+        def scan_round(carry, round_inputs):
+            start, count, key = round_inputs
+            index = jax.lax.dynamic_slice_in_dim(padded_order, start, widest, axis=1)
+            return one_round(*carry, index, jnp.arange(widest) < count, key), None
+
+        rounds = (jnp.asarray(starts), jnp.asarray(counts, jnp.int32), round_keys)
+        (cells, _), _ = jax.lax.scan(scan_round, (cells, hidden_NxL), rounds)
         return cells
 
     def _ar(self, k, level, grid, conds, cells, known, num_out, rng):
