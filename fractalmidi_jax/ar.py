@@ -28,7 +28,7 @@ class ARLevel(nnx.Module):
     def scan(self, num_tokens: int) -> np.ndarray:
         return self.trunk.grid(num_tokens // self.trunk.rows).scan_order(self.scan_order)
 
-    def teacher_forced(self, cells_NxLxP, conds_NxCxE, col_offset_N, rng=None):
+    def teacher_forced(self, cells_NxLxP, conds_NxCxE, col_offset_N=None, rng=None):
         """N x L x D outputs in grid order; output t has seen only the patches before t."""
         n, num_tokens, _ = cells_NxLxP.shape
         trunk = self.trunk
@@ -62,12 +62,12 @@ class ARLevel(nnx.Module):
         h, caches = trunk.transformer(trunk.cond_tokens(conds_NxCxE, num_sequences), mask, caches, 0)
         return h[:, -1], caches
 
-    def decode(self, caches, cells_NxP, step, grid_index, num_tokens: int, col_offset_N):
+    def decode(self, caches, cells_NxP, step, grid_index, num_tokens: int):
         """Feeds patch scan[step-1] (at grid index `grid_index`); returns (output predicting
         scan[step], caches). `step` may be traced."""
         trunk = self.trunk
         token = trunk.embed_patches(cells_NxP[:, None])
-        token = token + trunk.positions(jnp.reshape(grid_index, (1,)), num_tokens // trunk.rows, col_offset_N)
+        token = token + trunk.positions(jnp.reshape(grid_index, (1,)), num_tokens // trunk.rows)
         position = trunk.num_conds - 1 + step
         mask = (jnp.arange(self.cache_length(num_tokens)) <= position)[None, :]
         h, caches = trunk.transformer(token, mask, caches, position)

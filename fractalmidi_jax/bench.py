@@ -19,7 +19,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from fractalmidi_jax import sampler as sampler_lib
 from fractalmidi_jax import sharding, steps

@@ -120,7 +120,6 @@ def fractal_loss(model: FractalModel, config: Config, roll_BxHxW, rng, train: bo
         zip(model.levels, jax.random.split(rng_levels, config.num_levels))
     ):
         order_rng, dropout_rng = jax.random.split(level_rng)
-        n = cells.shape[0]
         index = tuple(slice(None) if i == 0 else slice(0, level_budgets[i - 1]) for i in range(k + 1))
         count_N = counts[k][index].reshape(-1)
         num_out = 1 if k == config.num_levels - 1 else NUM_HANDOFF_CONDS
@@ -142,7 +141,7 @@ def fractal_loss(model: FractalModel, config: Config, roll_BxHxW, rng, train: bo
         in_roll = grid_lib.gather_tokens(in_roll, index_NxK).reshape(-1, side, side)
         cells, in_roll = grid_lib.patchify(cells, child_patch), grid_lib.patchify(in_roll, child_patch)
         conds = conds.reshape((-1,) + conds.shape[2:])
-        col_offset = jnp.zeros((n * level_budgets[k],), jnp.int32)
+        col_offset = None
     target_N = cells.reshape(-1)
     logits = model.head.logits(conds[:, 0])
     cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, target_N)

@@ -24,10 +24,15 @@ def layer_norm(dim: int, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
 
 
 def dropout(x, rate: float, rng):
+    """Inverted dropout with 8-bit random draws (four per 32-bit word: random bits are the
+    costly part on GPU). The rate is rounded to a multiple of 1/256; the scale matches it."""
     if rng is None or rate == 0.0:
         return x
-    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+    threshold = round(rate * 256)
+    last = x.shape[-1]
+    words = jax.random.bits(rng, x.shape[:-1] + (-(-last // 4),), jnp.uint32)
+    draws = jax.lax.bitcast_convert_type(words, jnp.uint8).reshape(x.shape[:-1] + (-1,))[..., :last]
+    return jnp.where(draws >= threshold, x * (256 / (256 - threshold)), 0).astype(x.dtype)
 
 
 def split_key(rng, num: int):
@@ -93,11 +98,14 @@ class Block(nnx.Module):
 
 class Transformer(nnx.Module):
     """LayerNorm -> blocks -> LayerNorm. The blocks' weights are stacked on a leading layer
-    axis and run under `lax.scan`: one traced block per level (fast compiles) and a few large
-    parameter arrays (few optimizer kernels). KV caches are stacked the same way."""
+    axis (a few large arrays: few optimizer kernels) and run under `lax.scan`. With `loop`,
+    the scan stays a loop (one traced block: fast compiles), which suits deep stacks of small
+    activations; without, it unrolls, which saves stacking large activations for the backward
+    pass. KV caches are stacked the same way."""
 
-    def __init__(self, dim, depth, num_heads, attn_dropout, proj_dropout, dtype, rngs, remat=False):
+    def __init__(self, dim, depth, num_heads, attn_dropout, proj_dropout, dtype, rngs, remat=False, loop=True):
         self.remat = remat
+        self.loop = loop
         self.depth = depth
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
@@ -121,7 +129,8 @@ class Transformer(nnx.Module):
 
         if self.remat:
             layer = jax.checkpoint(layer)
-        x, caches = jax.lax.scan(layer, self.norm_in(x), (stacked, caches, keys))
+        unroll = 1 if self.loop else self.depth
+        x, caches = jax.lax.scan(layer, self.norm_in(x), (stacked, caches, keys), unroll=unroll)
         return self.norm_out(x), caches
 
     def empty_caches(self, n: int, length: int, dtype):

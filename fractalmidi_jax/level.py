@@ -50,6 +50,7 @@ class LevelTrunk(nnx.Module):
             self.dtype,
             rngs,
             remat=config.grad_checkpoint,
+            loop=level == 0,
         )
 
     def grid(self, cols: int | None = None) -> grid_lib.Grid:
@@ -67,12 +68,14 @@ class LevelTrunk(nnx.Module):
         """Cells are integer velocities; the network sees velocity / 127."""
         return self.patch_embed((cells_NxLxP / 127.0).astype(self.dtype))
 
-    def positions(self, grid_index_L, cols: int, col_offset_N):
-        """N x L x D position embeddings of tokens at the given grid indices."""
+    def positions(self, grid_index_L, cols: int, col_offset_N=None):
+        """Position embeddings of tokens at the given grid indices: L x D, or N x L x D when
+        each sequence starts at its own column (level 0 in training)."""
         rows_L, cols_L = grid_index_L // cols, grid_index_L % cols
-        row_LxD = self.row_pos[...][rows_L]
+        if col_offset_N is None:
+            return (self.row_pos[...][rows_L] + self.col_pos[...][cols_L]).astype(self.dtype)
         col_NxLxD = self.col_pos[...][cols_L[None, :] + col_offset_N[:, None]]
-        return (row_LxD[None] + col_NxLxD).astype(self.dtype)
+        return (self.row_pos[...][rows_L][None] + col_NxLxD).astype(self.dtype)
 
     def handoff(self, h_NxLxD, index_NxK, grid: grid_lib.Grid, neighbours: tuple[str, ...], num_out: int):
         """N x K x num_out x D conditions for the selected tokens: the token's own output, then
@@ -91,9 +94,10 @@ class LevelTrunk(nnx.Module):
 
 
 def time_offsets(rng, num_sequences: int, cols: int, max_cols: int):
-    """Random first column per sequence in [0, max_cols - cols] (level 0, training)."""
+    """Random first column per sequence in [0, max_cols - cols] (level 0, training); None
+    (start at column 0) otherwise."""
     if rng is None or cols >= max_cols:
-        return jnp.zeros((num_sequences,), jnp.int32)
+        return None
     return jax.random.randint(rng, (num_sequences,), 0, max_cols - cols + 1, dtype=jnp.int32)
 
 

@@ -26,7 +26,7 @@ class MARLevel(nnx.Module):
         self.trunk = LevelTrunk(config, level, rngs)
         self.mask_token = nnx.Param(embedding_init(rngs.params(), (config.embed_dim_list[level],)))
 
-    def predict(self, cells_NxLxP, hidden_NxL, conds_NxCxE, col_offset_N, rng=None):
+    def predict(self, cells_NxLxP, hidden_NxL, conds_NxCxE, col_offset_N=None, rng=None):
         """N x L x D outputs for every token, given the visible ones."""
         n, num_tokens, _ = cells_NxLxP.shape
         trunk = self.trunk

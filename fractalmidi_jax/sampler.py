@@ -77,12 +77,11 @@ class _Sampler:
         order_rng, rng = jax.random.split(rng)
         order_NxL = masking.random_orders(order_rng, n, num_tokens)
         hidden_NxL = ~jnp.all(known, axis=-1)
-        offset = jnp.zeros((n,), jnp.int32)
         counts = masking.cosine_schedule(num_tokens, self.num_iter_list[k])
         round_keys = jax.random.split(rng, len(counts))
 
         def one_round(cells, hidden_NxL, index_NxC, valid_C, key):
-            h_NxLxD = level.predict(cells, hidden_NxL, conds, offset)
+            h_NxLxD = level.predict(cells, hidden_NxL, conds)
             child_conds = level.trunk.handoff(h_NxLxD, index_NxC, grid, level.handoff_neighbours, num_out)
             old = grid_lib.gather_tokens(cells, index_NxC)
             new = self.children(k, child_conds, old, grid_lib.gather_tokens(known, index_NxC), key)
@@ -118,7 +117,6 @@ class _Sampler:
         n, num_tokens, _ = cells.shape
         scan_L = jnp.asarray(level.scan(num_tokens))
         neighbours = jnp.asarray(grid.neighbours())
-        offset = jnp.zeros((n,), jnp.int32)
         h, caches = level.prefill(conds, n, num_tokens)
         outputs = jnp.zeros((n, num_tokens, h.shape[-1]), h.dtype)
         stride = -(-num_tokens // NUM_AR_FRAMES)
@@ -138,7 +136,7 @@ class _Sampler:
                 k, child_conds, cells[:, g][:, None], known[:, g][:, None], jax.random.fold_in(rng, i)
             )
             cells = cells.at[:, g].set(new[:, 0])
-            h, caches = level.decode(caches, new[:, 0], i + 1, g, num_tokens, offset)
+            h, caches = level.decode(caches, new[:, 0], i + 1, g, num_tokens)
             if k == 0:
                 frames = jax.lax.cond(
                     (i + 1) % stride == 0,
