@@ -179,10 +179,16 @@ def _format_row(row: dict) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", nargs="*", default=[], help="run the cases whose name contains any of these")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--only", nargs="*", default=[], help="run the cases whose name contains any of these"
+    )
     parser.add_argument("--dropout", type=float, default=0.1, help="attention and projection dropout")
-    parser.add_argument("--profile", default="", help="write a Perfetto trace of 5 steps of the first case here")
+    parser.add_argument(
+        "--profile", default="", help="write a Perfetto trace of 5 steps of the first case here"
+    )
     parser.add_argument("--steps", type=int, default=10, help="timed steps per training case")
     parser.add_argument("--num_iter_list", type=int, nargs="+", default=[12, 8, 4, 1])
     parser.add_argument("--best_batches", type=int, nargs="*", default=list(BEST_BATCHES))

@@ -81,6 +81,7 @@ class Config:
     log_images_every_n_steps: int = 5000  # piano-roll images of samples and validation crops (0 = off)
     num_iter_list: tuple[int, ...] = (12, 8, 4, 1)  # MAR rounds per level for samples made during training
     save_top_k: int = 3  # checkpoints kept, best by validation loss (plus the latest)
+    max_train_minutes: float = 0.0  # stop (saving a checkpoint) after this many minutes (0 = no limit)
     resume_from_checkpoint: str = ""  # checkpoint folder, or <output_dir>/checkpoints/latest|best
 
     @property
@@ -188,6 +189,8 @@ class Config:
         ):
             if getattr(self, name) < 0:
                 errors.append(f"{name}={getattr(self, name)} must not be negative")
+        if self.max_train_minutes < 0:
+            errors.append("max_train_minutes must not be negative (0 = no limit)")
         if self.lr <= 0:
             errors.append("lr must be positive")
         if self.grad_clip < 0 or self.weight_decay < 0:

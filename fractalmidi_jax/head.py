@@ -24,7 +24,14 @@ class VelocityHead(nnx.Module):
         self.dtype = config.compute_dtype()
         self.cond_proj = dense(config.embed_dim_list[-2], width, self.dtype, rngs)
         self.transformer = Transformer(
-            width, config.num_blocks_list[-1], config.num_heads_list[-1], 0.0, 0.0, self.dtype, rngs, loop=False
+            width,
+            config.num_blocks_list[-1],
+            config.num_heads_list[-1],
+            0.0,
+            0.0,
+            self.dtype,
+            rngs,
+            loop=False,
         )
         self.codebook = nnx.Param(embedding_init(rngs.params(), (NUM_VELOCITIES, width)))
         self.bias = nnx.Param(jnp.zeros((NUM_VELOCITIES,)))

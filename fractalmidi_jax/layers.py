@@ -103,7 +103,9 @@ class Transformer(nnx.Module):
     activations; without, it unrolls, which saves stacking large activations for the backward
     pass. KV caches are stacked the same way."""
 
-    def __init__(self, dim, depth, num_heads, attn_dropout, proj_dropout, dtype, rngs, remat=False, loop=True):
+    def __init__(
+        self, dim, depth, num_heads, attn_dropout, proj_dropout, dtype, rngs, remat=False, loop=True
+    ):
         self.remat = remat
         self.loop = loop
         self.depth = depth

@@ -30,7 +30,9 @@ def learning_rate(config: Config) -> optax.Schedule:
 
 def decay_mask(params):
     """True for dense kernels, the only weights AdamW decays."""
-    return jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: getattr(path[-1], "key", None) == "kernel", params
+    )
 
 
 def make_optimizer(config: Config) -> optax.GradientTransformation:

@@ -34,7 +34,9 @@ def make_mesh(devices_spec: str) -> Mesh:
         if jax.process_count() > 1:
             raise ValueError("--devices must be 'all' when running on several processes")
         if max(chosen) >= len(local):
-            raise ValueError(f"--devices {devices_spec}: only {len(local)} device(s) here ({local[0].platform})")
+            raise ValueError(
+                f"--devices {devices_spec}: only {len(local)} device(s) here ({local[0].platform})"
+            )
         devices = [local[i] for i in chosen]
     return Mesh(np.asarray(devices), (DATA_AXIS,))
 

@@ -1,0 +1,321 @@
+"""The training loop, top to bottom:
+
+1. Data: parse (or load from cache) the training and validation files; a list with no usable
+   file stops here, before anything compiles.
+2. Mesh and state: a mesh over the chosen devices; a fresh state, an exact resume, or a
+   fine-tune (another crop_length: weights and EMA only).
+3. Jitted steps, the TensorBoard writer and the checkpoint manager.
+4. The loop: dispatch step s + 1 before reading step s's metrics; pull scalars only when
+   logging; validate, log images and checkpoint on their schedules; stop cleanly on
+   SIGINT/SIGTERM or the time limit (saving a checkpoint), or with a clear message on a
+   non-finite loss (saving nothing, so the last good checkpoint stays the latest).
+"""
+
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fractalmidi_jax import checkpoint as ckpt
+from fractalmidi_jax import data, midi, render, sharding, steps
+from fractalmidi_jax import sampler as sampler_lib
+from fractalmidi_jax.config import Config, save_yaml
+from fractalmidi_jax.fractal import train_flops_per_sample
+from fractalmidi_jax.writer import Writer
+
+ARCHITECTURE_FIELDS = (
+    "img_size_list",
+    "embed_dim_list",
+    "num_blocks_list",
+    "num_heads_list",
+    "generator_types",
+    "scan_order",
+    "max_crop_length",
+)
+NUM_IMAGE_SAMPLES = 4
+OOM_ADVICE = (
+    "out of device memory. Remedies (the guide's): a smaller --train_batch_size (with "
+    "--accumulate_grad_batches to keep the effective batch), --grad_checkpoint, --precision bf16, "
+    "or a shorter --crop_length."
+)
+
+
+def log(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
+def resolve_data(spec: str, split: str) -> str:
+    """'bach' -> the built-in corpus' list (prepared on first use); anything else as given."""
+    if spec != "bach":
+        return spec
+    from fractalmidi_jax.corpus import prepare_bach_corpus
+
+    return str(prepare_bach_corpus() / f"{split}.txt")
+
+
+def load_library(spec: str, split: str, config: Config) -> data.RollLibrary:
+    options = midi.ReadOptions(include_drums=config.include_drums, sustain_pedal=config.sustain_pedal)
+    library = data.RollLibrary(
+        resolve_data(spec, split),
+        options,
+        cache_dir=config.cache_dir or None,
+        cache_in_memory=config.cache_in_memory,
+        num_workers=min(os.cpu_count() or 1, 8),
+    )
+    log(f"{split} data: {library.summary()}")
+    return library
+
+
+def _check_architecture(saved: dict, config: Config, path: Path) -> None:
+    for name in ARCHITECTURE_FIELDS:
+        here = config.to_dict()[name]
+        if saved.get(name) != here:
+            raise ckpt.CheckpointError(
+                f"checkpoint {path} has another architecture: {name} is {saved.get(name)} there and {here} "
+                "here. Pass the checkpoint's model settings (its hparams are in meta.json) or train anew."
+            )
+
+
+def initial_state(config: Config, mesh):
+    """(graphdef, state placed on the mesh, restored-from path or None)."""
+    graphdef, fresh = steps.init_state(config)
+    if not config.resume_from_checkpoint:
+        return graphdef, steps.place_state(fresh, mesh), None
+    path = ckpt.resolve(config.resume_from_checkpoint)
+    meta = ckpt.read_meta(path)
+    _check_architecture(meta["config"], config, path)
+    saved_ema = meta["config"].get("ema_decay", 0) > 0
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.replicated(mesh)),
+        steps.abstract_state(config.replace(ema_decay=config.ema_decay if saved_ema else 0.0)),
+    )
+    restored = ckpt.restore(path, target)
+    if meta["config"]["crop_length"] == config.crop_length:
+        if "ema" in fresh:
+            restored.setdefault("ema", restored["params"])
+        else:
+            restored.pop("ema", None)
+        log(f"resuming exactly from {path} (step {meta['step']}): weights, EMA, optimizer, data position")
+        return graphdef, restored, path
+    fresh = steps.place_state(fresh, mesh)
+    fresh["params"] = restored["params"]
+    if "ema" in fresh:
+        fresh["ema"] = restored.get("ema", restored["params"])
+    log(
+        f"fine-tuning from {path} (step {meta['step']}, trained on crop_length {meta['config']['crop_length']}) "
+        f"at crop_length {config.crop_length}: restored weights and EMA; optimizer, learning-rate schedule and "
+        "data stream start at step 0"
+    )
+    return graphdef, fresh, path
+
+
+class StopRequest:
+    """SIGINT/SIGTERM set a flag: the loop saves a checkpoint and exits. A second signal stops at once."""
+
+    def __init__(self):
+        self.reason = ""
+        self.previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.reason:
+            self.restore()
+            raise KeyboardInterrupt
+        self.reason = signal.Signals(signum).name
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+class Progress:
+    """One line, rewritten in place: step, loss, steps/s, time left."""
+
+    def __init__(self, total: int, start: int):
+        self.total, self.start_step, self.start_time = total, start, time.perf_counter()
+        self.interactive = sys.stdout.isatty()
+
+    def update(self, step: int, loss: float) -> None:
+        elapsed = time.perf_counter() - self.start_time
+        rate = (step - self.start_step) / max(elapsed, 1e-9)
+        left = (self.total - step) / rate if rate > 0 else float("inf")
+        line = f"step {step}/{self.total}  loss {loss:.4f}  {rate:.2f} steps/s  {_duration(left)} left"
+        if jax.process_index() == 0:
+            print(
+                f"\r{line}   " if self.interactive else line, end="" if self.interactive else "\n", flush=True
+            )
+
+    def newline(self) -> None:
+        if self.interactive and jax.process_index() == 0:
+            print(flush=True)
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}"
+
+
+def _mean_metrics(pending: list[dict]) -> dict:
+    fetched = jax.device_get(pending)
+    return {name: float(np.mean([m[name] for m in fetched])) for name in fetched[0]}
+
+
+def validate(eval_step, params, batches, mesh, seed: int, limit: int) -> float:
+    """NLL estimate in nats per cell over the fixed validation crops (the same masks every time)."""
+    total = cells = 0.0
+    key = jax.random.key(seed + 1)
+    for i, batch in enumerate(batches[:limit] if limit else batches):
+        placed = sharding.global_batch(mesh, batch)
+        loss_sum, reached = eval_step(params, placed["roll"], placed["weight"], jax.random.fold_in(key, i))
+        total, cells = total + float(loss_sum), cells + float(reached)
+    return total / cells
+
+
+def log_images(writer: Writer, step: int, graphdef, config: Config, params, val_crops) -> None:
+    run = sampler_lib.make_sampler(graphdef, config, config.num_iter_list)
+    cells, known = sampler_lib.unconditional_inputs(NUM_IMAGE_SAMPLES, config.crop_length)
+    rolls, _ = run(params, cells, known, jax.random.key(config.seed + step), jnp.float32(1.0))
+    writer.image(step, "samples/generated", render.grid_image(np.asarray(rolls)))
+    if val_crops is not None:
+        writer.image(step, "samples/validation", render.grid_image(val_crops[:NUM_IMAGE_SAMPLES]))
+
+
+def train(config: Config) -> Path:
+    """Runs training as configured; returns the output folder."""
+    sharding.maybe_initialize_distributed()
+    output_dir = Path(config.output_dir)
+    train_library = load_library(config.train_data, "train", config)
+    val_library = load_library(config.val_data, "valid", config) if config.val_data else None
+
+    mesh = sharding.make_mesh(config.devices)
+    num_devices = mesh.devices.size
+    global_batch = config.train_batch_size * num_devices
+    graphdef, state, restored_from = initial_state(config, mesh)
+    model_params = count_params_from_state(state)
+    log(
+        f"model: {model_params / 1e6:.2f}M parameters, levels {'/'.join(config.generator_types)}; "
+        f"{num_devices} {jax.devices()[0].platform} device(s), global batch {global_batch}; "
+        f"{train_flops_per_sample(config, config.crop_length) / 1e9:.1f} GFLOP per training sample"
+    )
+    if jax.process_index() == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_yaml(config, output_dir / "config.yaml")
+    log("config:\n  " + "\n  ".join(f"{k}: {v}" for k, v in config.to_dict().items()))
+
+    train_step = steps.make_train_step(graphdef, config, mesh)
+    eval_step = steps.make_eval_step(graphdef, config, mesh)
+    val_crops, val_batches = None, []
+    if val_library is not None:
+        val_crops = data.fixed_crops(
+            val_library, config.crop_length, config.val_crops_per_file, config.seed, config.crop_alignment
+        )
+        val_batches = data.eval_batches(
+            val_crops, config.val_batch_size * num_devices, jax.process_index(), jax.process_count()
+        )
+    spec = data.CropSpec(
+        config.crop_length,
+        config.augment_factor,
+        config.pitch_shift_min,
+        config.pitch_shift_max,
+        config.crop_alignment,
+    )
+    stream = data.BatchStream(
+        train_library, spec, global_batch, config.seed, jax.process_index(), jax.process_count()
+    )
+    writer = Writer(output_dir, config)
+    manager = ckpt.CheckpointManager(output_dir / "checkpoints", config.save_top_k)
+    stop = StopRequest()
+    key = jax.random.key(config.seed)
+    micro_steps = config.max_steps * config.accumulate_grad_batches
+    start_step = int(jax.device_get(state["step"]))
+    meta = {"config": config.to_dict(), "resumed_from": str(restored_from or "")}
+    val_loss = None
+
+    def optimizer_step(micro_step: int) -> int:
+        return micro_step // config.accumulate_grad_batches
+
+    def save(micro_step: int) -> None:
+        if bool(jax.device_get(state["nonfinite"])):
+            return
+        path = manager.save(
+            micro_step, state, val_loss, dict(meta, optimizer_step=optimizer_step(micro_step))
+        )
+        log(f"\ncheckpoint {path.name} saving")
+
+    progress = Progress(micro_steps, start_step)
+    pending, last_log = [], time.perf_counter()
+    started = time.perf_counter()
+    step = start_step
+    with data.Loader(stream, start_step, config.num_workers) as loader:
+        try:
+            while step < micro_steps:
+                batch = sharding.global_batch(mesh, next(loader))
+                state, metrics = train_step(state, batch["roll"], key)
+                pending.append(metrics)
+                step += 1
+                done = step == micro_steps
+                if step % config.accumulate_grad_batches and not done:
+                    continue
+                opt_step = optimizer_step(step)
+                if (config.log_every_n_steps and opt_step % config.log_every_n_steps == 0) or done:
+                    values = _mean_metrics(pending)
+                    if not math.isfinite(values["loss"]) or bool(jax.device_get(state["nonfinite"])):
+                        raise SystemExit(
+                            f"error: the training loss became {values['loss']} by step {opt_step}; nothing was saved "
+                            f"after it, so the latest checkpoint is the last good one. Try a lower --lr, a "
+                            f"longer --warmup_steps, --grad_clip, or --precision 32."
+                        )
+                    now = time.perf_counter()
+                    values["samples_per_s"] = len(pending) * global_batch / (now - last_log)
+                    writer.scalars(opt_step, {f"train/{k}": v for k, v in values.items()})
+                    progress.update(step, values["loss"])
+                    pending, last_log = [], now
+                due = lambda every, at=opt_step: every and at % every == 0
+                if val_batches and (due(config.val_check_interval_steps) or done):
+                    val_loss = validate(
+                        eval_step,
+                        steps.eval_params(state),
+                        val_batches,
+                        mesh,
+                        config.seed,
+                        config.num_val_batches,
+                    )
+                    writer.scalars(opt_step, {"val/loss": val_loss})
+                    progress.newline()
+                    log(f"validation at step {opt_step}: loss {val_loss:.4f} nats per cell")
+                if due(config.log_images_every_n_steps):
+                    log_images(writer, opt_step, graphdef, config, steps.eval_params(state), val_crops)
+                over_time = (
+                    config.max_train_minutes and time.perf_counter() - started > 60 * config.max_train_minutes
+                )
+                if due(config.checkpoint_every_n_steps) or done or stop.reason or over_time:
+                    save(step)
+                if stop.reason or over_time:
+                    log(f"stopping at step {opt_step}: {stop.reason or 'max_train_minutes reached'}")
+                    break
+        except jax.errors.JaxRuntimeError as error:
+            if "RESOURCE_EXHAUSTED" in str(error) or "out of memory" in str(error).lower():
+                raise SystemExit(f"error: {OOM_ADVICE}\n({str(error).splitlines()[0][:200]})") from None
+            raise
+        finally:
+            progress.newline()
+            stop.restore()
+            manager.close()
+            writer.close()
+    log(f"done: {output_dir}")
+    return output_dir
+
+
+def count_params_from_state(state) -> int:
+    return sum(x.size for x in jax.tree.leaves(state["params"]))
