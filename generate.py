@@ -1,0 +1,9 @@
+"""Generate MIDI with a trained model: python generate.py --checkpoint <dir> [--mode ...]
+
+`python generate.py --help` lists the flags; the README's generation guide shows each mode.
+"""
+
+from fractalmidi_jax.generation import main
+
+if __name__ == "__main__":
+    main()
