@@ -1,10 +1,11 @@
 """Data parallelism: one mesh over the chosen devices, the batch split on its `data` axis,
 everything else replicated.
 
-Multi-host: when a cluster's variables are set (JAX_COORDINATOR_ADDRESS with
-JAX_NUM_PROCESSES and JAX_PROCESS_ID, or SLURM / Open MPI ones that jax.distributed
-recognises), `maybe_initialize_distributed` starts jax.distributed before anything touches a
-device; every process then feeds its own slice of the global batch.
+Multi-host: start one process per host (or per GPU) with JAX_COORDINATOR_ADDRESS (host:port
+of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID set, or under SLURM or Open MPI, whose
+variables jax.distributed reads itself. `maybe_initialize_distributed` then starts
+jax.distributed before anything touches a device, and every process feeds its own slice of
+the global batch.
 """
 
 import os
@@ -16,11 +17,24 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from fractalmidi_jax.config import parse_devices
 
 DATA_AXIS = "data"
-_CLUSTER_VARIABLES = ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
+_SCHEDULER_VARIABLES = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
 
 
 def maybe_initialize_distributed() -> None:
-    if any(name in os.environ for name in _CLUSTER_VARIABLES) and not jax.distributed.is_initialized():
+    if jax.distributed.is_initialized():
+        return
+    if "JAX_COORDINATOR_ADDRESS" in os.environ:
+        missing = [v for v in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if v not in os.environ]
+        if missing:
+            raise RuntimeError(
+                f"JAX_COORDINATOR_ADDRESS is set but {' and '.join(missing)} not: set all three on every process"
+            )
+        jax.distributed.initialize(
+            coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+            process_id=int(os.environ["JAX_PROCESS_ID"]),
+        )
+    elif any(name in os.environ for name in _SCHEDULER_VARIABLES):
         jax.distributed.initialize()
 
 
