@@ -10,6 +10,7 @@ before anything is compiled.
 import argparse
 import dataclasses
 import math
+import os
 import sys
 import typing
 from pathlib import Path
@@ -210,6 +211,12 @@ class Config:
 
 class ConfigError(ValueError):
     pass
+
+
+def cache_root() -> Path:
+    """Where parsed rolls and the built-in corpus are cached: $FRACTALMIDI_CACHE, or
+    ~/.cache/fractalmidi_jax."""
+    return Path(os.environ.get("FRACTALMIDI_CACHE") or Path.home() / ".cache" / "fractalmidi_jax")
 
 
 def parse_devices(spec: str) -> list[int] | None:

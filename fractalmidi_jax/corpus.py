@@ -22,14 +22,15 @@ import os
 import time
 from pathlib import Path
 
+from fractalmidi_jax.config import cache_root
+
 MARKER = "DONE.json"
 _VERSION = 1  # bump when the conversion or the split changes
 
 
 def default_root() -> Path:
     """$FRACTALMIDI_CACHE/bach_chorales, or ~/.cache/fractalmidi_jax/bach_chorales."""
-    cache = os.environ.get("FRACTALMIDI_CACHE") or Path.home() / ".cache" / "fractalmidi_jax"
-    return Path(cache) / "bach_chorales"
+    return cache_root() / "bach_chorales"
 
 
 def prepare_bach_corpus(

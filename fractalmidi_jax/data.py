@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from fractalmidi_jax import midi
+from fractalmidi_jax.config import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +95,7 @@ def make_lists(folder, out_dir, valid_fraction=0.05, test_fraction=0.05, seed=0)
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("FRACTALMIDI_CACHE") or Path.home() / ".cache" / "fractalmidi_jax"
-    return Path(root) / "rolls"
+    return cache_root() / "rolls"
 
 
 def cache_key(path, options: midi.ReadOptions) -> str:
