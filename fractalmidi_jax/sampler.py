@@ -119,8 +119,15 @@ class _Sampler:
         neighbours = jnp.asarray(grid.neighbours())
         h, caches = level.prefill(conds, n, num_tokens)
         outputs = jnp.zeros((n, num_tokens, h.shape[-1]), h.dtype)
-        stride = -(-num_tokens // NUM_AR_FRAMES)
-        frames = jnp.zeros((NUM_AR_FRAMES if k == 0 else 0,) + cells.shape, cells.dtype)
+        num_frames = min(num_tokens, NUM_AR_FRAMES) if k == 0 else 0
+        frame_after = np.full(
+            num_tokens, -1, np.int32
+        )  # frame f is the canvas after step ceil((f+1) L / F) - 1
+        frame_after[[-(-(f + 1) * num_tokens // num_frames) - 1 for f in range(num_frames)]] = np.arange(
+            num_frames
+        )
+        frame_after = jnp.asarray(frame_after)
+        frames = jnp.zeros((num_frames,) + cells.shape, cells.dtype)
 
         def step(i, state):
             h, caches, cells, outputs, frames = state
@@ -139,8 +146,8 @@ class _Sampler:
             h, caches = level.decode(caches, new[:, 0], i + 1, g, num_tokens)
             if k == 0:
                 frames = jax.lax.cond(
-                    (i + 1) % stride == 0,
-                    lambda f: f.at[(i + 1) // stride - 1].set(cells),
+                    frame_after[i] >= 0,
+                    lambda f: f.at[frame_after[i]].set(cells),
                     lambda f: f,
                     frames,
                 )
