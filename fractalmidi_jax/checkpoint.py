@@ -2,6 +2,9 @@
 
     <output_dir>/checkpoints/step_00005000-val_loss_0.0234/state/     (orbax, async)
                                                           meta.json  (step, val loss, config)
+
+Steps in names and in meta.json are optimizer steps; meta.json also keeps `micro_step`, the
+micro-batches consumed (they differ with gradient accumulation).
     <output_dir>/checkpoints/latest -> step_...    best -> step_...
 
 A checkpoint counts once its meta.json exists: meta.json is written only after orbax has
@@ -64,7 +67,10 @@ def resolve(path: str | Path) -> Path:
     for candidate in candidates:
         if (candidate / META).is_file() and (candidate / STATE).is_dir():
             return candidate.resolve()
-    available = [p.name for p in list_checkpoints(path.parent if path.name in POINTERS else path)]
+    near = path if path.is_dir() and path.name not in POINTERS else path.parent
+    available = [
+        p.name for p in list_checkpoints(near / "checkpoints" if (near / "checkpoints").is_dir() else near)
+    ]
     hint = f" Available here: {', '.join(available)}." if available else ""
     raise CheckpointError(
         f"no checkpoint at {path}: expected a folder with {STATE}/ and {META} (a training run writes them "

@@ -76,7 +76,7 @@ def make_train_step(graphdef, config: Config, mesh):
             updated = (state["step"] + 1) % accumulate == 0
             ema = optim.ema_update(state["ema"], params, update_step, config.ema_decay)
             new_state["ema"] = jax.tree.map(lambda new, old: jnp.where(updated, new, old), ema, state["ema"])
-        metrics = dict(stats, grad_norm=optax.global_norm(grads), lr=schedule(update_step))
+        metrics = dict(stats, grad_norm=optax.tree.norm(grads), lr=schedule(update_step))
         return new_state, metrics
 
     return jax.jit(

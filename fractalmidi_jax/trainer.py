@@ -98,16 +98,16 @@ def initial_state(config: Config, mesh):
     )
     restored = ckpt.restore(path, target)
     if meta["config"]["crop_length"] == config.crop_length:
-        if "ema" in fresh:
-            restored.setdefault("ema", restored["params"])
-        else:
+        if "ema" not in fresh:
             restored.pop("ema", None)
+        elif "ema" not in restored:
+            restored["ema"] = jax.tree.map(jnp.copy, restored["params"])
         log(f"resuming exactly from {path} (step {meta['step']}): weights, EMA, optimizer, data position")
         return graphdef, restored, path
     fresh = steps.place_state(fresh, mesh)
     fresh["params"] = restored["params"]
     if "ema" in fresh:
-        fresh["ema"] = restored.get("ema", restored["params"])
+        fresh["ema"] = jax.tree.map(jnp.copy, restored.get("ema", restored["params"]))
     log(
         f"fine-tuning from {path} (step {meta['step']}, trained on crop_length {meta['config']['crop_length']}) "
         f"at crop_length {config.crop_length}: restored weights and EMA; optimizer, learning-rate schedule and "
@@ -248,9 +248,7 @@ def train(config: Config) -> Path:
     def save(micro_step: int) -> None:
         if bool(jax.device_get(state["nonfinite"])):
             return
-        path = manager.save(
-            micro_step, state, val_loss, dict(meta, optimizer_step=optimizer_step(micro_step))
-        )
+        path = manager.save(optimizer_step(micro_step), state, val_loss, dict(meta, micro_step=micro_step))
         log(f"\ncheckpoint {path.name} saving")
 
     progress = Progress(micro_steps, start_step)

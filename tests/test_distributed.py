@@ -1,0 +1,190 @@
+"""Multi-process start-up: two local CPU processes joined by jax.distributed train the tiny model on
+halves of a global batch and agree with a single process training on the whole batch."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from fractalmidi_jax import sharding, steps
+from fractalmidi_jax.config import Config
+
+REPO = Path(__file__).resolve().parents[1]
+GLOBAL_BATCH = 8
+NUM_STEPS = 2  # the first update has learning rate 0 (warmup); the second moves the weights
+TIMEOUT_S = 300
+
+# One process: start jax.distributed from the JAX_* variables (sharding.maybe_initialize_distributed),
+# build the mesh over both processes' devices, feed its own half of the global batch, train, and
+# report the losses and the weights. argv: tests folder, output folder.
+WORKER = textwrap.dedent(
+    """
+    import json, sys
+    import jax, numpy as np
+    from fractalmidi_jax import sharding
+    sys.path.insert(0, sys.argv[1])
+    from test_distributed import global_batch, load_initial_state, run_steps
+
+    sharding.maybe_initialize_distributed()
+    mesh = sharding.make_mesh("all")
+    index, count = jax.process_index(), jax.process_count()
+    batch = global_batch()
+    rows = batch[index * len(batch) // count : (index + 1) * len(batch) // count]
+    losses, params = run_steps(mesh, rows, load_initial_state(f"{sys.argv[2]}/initial.npz"))
+    np.savez(f"{sys.argv[2]}/params_{index}.npz", *params)
+    print("RESULT " + json.dumps({
+        "process": index, "processes": count, "devices": int(mesh.devices.size),
+        "local_devices": sharding.num_local_devices(mesh), "local_rows": len(rows), "losses": losses,
+    }), flush=True)
+    """
+)
+
+
+def tiny_config() -> Config:
+    """test_train.py's model and optimizer settings (so the single-process program is shared)."""
+    return Config(
+        img_size_list=(128, 16, 4, 1),
+        embed_dim_list=(32, 16, 16, 8),
+        num_blocks_list=(1, 1, 1, 1),
+        num_heads_list=(2, 2, 2, 2),
+        attn_dropout=0.0,
+        proj_dropout=0.0,
+        crop_length=32,
+        devices="1",
+        train_batch_size=GLOBAL_BATCH,
+        val_batch_size=GLOBAL_BATCH,
+        val_crops_per_file=1,
+        max_steps=1000,
+        warmup_steps=2,
+        lr=1e-3,
+        num_workers=0,
+        num_iter_list=(2, 2, 2, 1),
+        save_top_k=2,
+    ).validate()
+
+
+def global_batch() -> np.ndarray:
+    rng = np.random.default_rng(1)
+    shape = (GLOBAL_BATCH, 128, 32)
+    return ((rng.random(shape) < 0.05) * rng.integers(1, 128, shape)).astype(np.uint8)
+
+
+def load_initial_state(path) -> dict:
+    """The state saved by the test (leaves in tree order): what steps.init_state returns, without
+    building the model op by op in each process."""
+    with np.load(path) as saved:
+        leaves = [saved[f"arr_{k}"] for k in range(len(saved.files))]
+    return jax.tree.unflatten(jax.tree.structure(steps.abstract_state(tiny_config())), leaves)
+
+
+def run_steps(mesh, local_rows: np.ndarray, state: dict) -> tuple[list[float], list[np.ndarray]]:
+    """NUM_STEPS train steps from `state` (host arrays): (losses, the weights' leaves)."""
+    from flax import nnx
+
+    from fractalmidi_jax.fractal import build_model
+
+    config = tiny_config()
+    graphdef = nnx.split(nnx.eval_shape(lambda: build_model(config)))[0]
+    state = steps.place_state(state, mesh)
+    train_step = steps.make_train_step(graphdef, config, mesh)
+    roll = sharding.global_batch(mesh, {"roll": local_rows})["roll"]
+    losses = []
+    for _ in range(NUM_STEPS):
+        state, metrics = train_step(state, roll, jax.random.key(3))
+        losses.append(float(np.asarray(metrics["loss"].addressable_data(0))))
+    return losses, [np.asarray(x.addressable_data(0)) for x in jax.tree.leaves(state["params"])]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """A persistent compilation cache shared with the other training test modules, undone afterwards."""
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    directory = tmp_path_factory.getbasetemp() / "jax_compilation_cache"
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    previous = {name: getattr(jax.config, name) for name in names}
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    cc.reset_cache()
+    yield directory
+    for name, value in previous.items():
+        jax.config.update(name, value)
+    cc.reset_cache()
+
+
+def test_two_processes_train_like_one(tmp_path):
+    """Two processes (2 CPU devices each) started with JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES
+    and JAX_PROCESS_ID form one 4-device mesh, each feeds its half of the batch, and both end
+    with the losses and weights of one process training on the whole batch."""
+    initial = jax.device_get(steps.init_state(tiny_config())[1])
+    np.savez(tmp_path / "initial.npz", *jax.tree.leaves(initial))
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    address = f"127.0.0.1:{free_port()}"
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f]
+    flags += [
+        "--xla_force_host_platform_device_count=2",
+        "--xla_cpu_use_fusion_emitters=false",
+    ]  # 3x faster compile
+    processes = []
+    for index in range(2):
+        env = dict(
+            os.environ,
+            JAX_PLATFORMS="cpu",
+            XLA_FLAGS=" ".join(flags),
+            JAX_COORDINATOR_ADDRESS=address,
+            JAX_NUM_PROCESSES="2",
+            JAX_PROCESS_ID=str(index),
+            JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+        )
+        command = [sys.executable, str(script), str(Path(__file__).parent), str(tmp_path)]
+        processes.append(
+            subprocess.Popen(
+                command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
+    outputs = []
+    try:
+        for process in processes:
+            outputs.append(process.communicate(timeout=TIMEOUT_S)[0])
+    finally:
+        for process in processes:
+            process.kill()
+    results = []
+    for process, output in zip(processes, outputs):
+        assert process.returncode == 0, output[-3000:]
+        (line,) = [line for line in output.splitlines() if line.startswith("RESULT ")]
+        results.append(json.loads(line.removeprefix("RESULT ")))
+    assert [r["process"] for r in results] == [0, 1]
+    for r in results:
+        assert (r["processes"], r["devices"], r["local_devices"], r["local_rows"]) == (
+            2,
+            4,
+            2,
+            GLOBAL_BATCH // 2,
+        )
+    assert results[0]["losses"] == results[1]["losses"]
+
+    losses, params = run_steps(sharding.make_mesh("1"), global_batch(), initial)
+    np.testing.assert_allclose(results[0]["losses"], losses, rtol=1e-5)
+    assert losses[0] != losses[1]
+    for index in range(2):
+        with np.load(tmp_path / f"params_{index}.npz") as saved:
+            leaves = [saved[f"arr_{k}"] for k in range(len(saved.files))]
+        assert len(leaves) == len(params)
+        for leaf, expected in zip(leaves, params):
+            np.testing.assert_allclose(leaf, expected, rtol=1e-5, atol=1e-6)
+    assert any(not np.allclose(a, b) for a, b in zip(params, jax.tree.leaves(initial["params"])))

@@ -1,0 +1,262 @@
+"""generate.py's modes, outputs and errors, with a checkpoint of a tiny 2-step training run (CPU)."""
+
+import json
+import signal
+
+import jax
+import numpy as np
+import pretty_midi
+import pytest
+from PIL import Image
+
+from fractalmidi_jax import data, generation, midi, render, trainer
+from fractalmidi_jax.config import Config
+
+REAL_LOADER = data.Loader
+WIDTH = 32  # the tiny model's crop_length: the default --target_width
+BATCH = 4  # samples per sampler call, as for the trainer's images (the same compiled sampler)
+
+
+def write_song(path, seed: int, num_steps: int = 128):
+    """A random piano piece of `num_steps` sixteenths at 120 bpm."""
+    rng = np.random.default_rng(seed)
+    song = pretty_midi.PrettyMIDI(resolution=480, initial_tempo=120.0)
+    piano = pretty_midi.Instrument(program=0)
+    for onset in rng.integers(0, num_steps - 4, 40):
+        end = onset + rng.integers(1, 4)
+        piano.notes.append(
+            pretty_midi.Note(int(rng.integers(20, 128)), int(rng.integers(40, 90)), onset / 8, end / 8)
+        )
+    piano.notes.append(pretty_midi.Note(90, 60, (num_steps - 1) / 8, num_steps / 8))
+    song.instruments.append(piano)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    song.write(str(path))
+    return path
+
+
+def roll_of(path) -> np.ndarray:
+    return midi.score_to_roll(midi.read_score(path))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """A persistent compilation cache shared with the other training test modules, undone afterwards."""
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    directory = tmp_path_factory.getbasetemp() / "jax_compilation_cache"
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    previous = {name: getattr(jax.config, name) for name in names}
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    cc.reset_cache()
+    yield directory
+    for name, value in previous.items():
+        jax.config.update(name, value)
+    cc.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """songs/ (four MIDI files) and run/: a tiny model trained for 2 steps (stopped by SIGTERM,
+    with the config of test_train.py, so that the compiled program is shared)."""
+    folder = tmp_path_factory.mktemp("generate")
+    for k in range(4):
+        write_song(folder / "songs" / f"song_{k}.mid", seed=10 + k)
+    config = Config(
+        train_data=str(folder / "songs"),
+        val_data=str(folder / "songs"),
+        cache_dir=str(folder / "cache"),
+        output_dir=str(folder / "run"),
+        img_size_list=(128, 16, 4, 1),
+        embed_dim_list=(32, 16, 16, 8),
+        num_blocks_list=(1, 1, 1, 1),
+        num_heads_list=(2, 2, 2, 2),
+        attn_dropout=0.0,
+        proj_dropout=0.0,
+        crop_length=WIDTH,
+        devices="1",
+        train_batch_size=8,
+        val_batch_size=8,
+        val_crops_per_file=1,
+        max_steps=1000,
+        warmup_steps=2,
+        lr=1e-3,
+        num_workers=0,
+        log_every_n_steps=1,
+        val_check_interval_steps=2,
+        checkpoint_every_n_steps=2,
+        log_images_every_n_steps=0,
+        num_iter_list=(2, 2, 2, 1),
+        save_top_k=2,
+    ).validate()
+
+    class Loader(REAL_LOADER):  # SIGTERM while the batch of step 2 is taken: stop after step 2
+        def __next__(self):
+            if self.step == 1:
+                handler = signal.getsignal(signal.SIGTERM)
+                assert isinstance(getattr(handler, "__self__", None), trainer.StopRequest), handler
+                signal.raise_signal(signal.SIGTERM)
+            return super().__next__()
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(data, "Loader", Loader)
+        trainer.train(config)
+    return folder
+
+
+@pytest.fixture
+def checkpoint(folder):
+    return folder / "run" / "checkpoints" / "latest"
+
+
+@pytest.fixture
+def rolls(monkeypatch) -> list[np.ndarray]:
+    """The rolls generation writes, in order (generation._write_sample is spied on)."""
+    captured = []
+    real = generation._write_sample
+
+    def spy(args, out, index, roll, frames, tempo):
+        captured.append(np.array(roll))
+        return real(args, out, index, roll, frames, tempo)
+
+    monkeypatch.setattr(generation, "_write_sample", spy)
+    return captured
+
+
+def generate(checkpoint, out, *flags) -> dict:
+    """generation.main with 2 samples (unless flags say otherwise); its generation.json."""
+    argv = ["--checkpoint", checkpoint, "--output_dir", out, "--num_samples", 2, "--batch_size", BATCH]
+    generation.main([str(a) for a in [*argv, *flags]])
+    return json.loads((out / "generation.json").read_text())
+
+
+def error_of(*argv) -> str:
+    with pytest.raises(SystemExit) as stopped:
+        generation.main([str(a) for a in argv])
+    return str(stopped.value.code)
+
+
+def test_unconditional_writes_midi_pictures_and_report(checkpoint, tmp_path, rolls, capsys):
+    """Unconditional: one MIDI (+ PNG, GIF) per sample, in batches, and generation.json whose
+    note counts are the notes of the written files."""
+    out = tmp_path / "out"
+    report = generate(checkpoint, out, "--num_samples", 5, "--save_png", "--save_gif", "--seed", 1)
+    assert "wrote 5 samples" in capsys.readouterr().out
+    assert report["checkpoint"] == str(checkpoint.resolve())
+    assert report["mode"] == "unconditional" and report["seed"] == 1 and report["num_samples"] == 5
+    assert report["target_width"] == WIDTH
+    assert report["num_iter_list"] == [2, 2, 2, 1] and report["weights"] == "ema"
+    assert len(report["seconds_per_batch"]) == 2
+    assert [len(r) for r in (rolls, report["samples"])] == [5, 5]
+    for index, (sample, roll) in enumerate(zip(report["samples"], rolls)):
+        stem = f"sample_{index:03d}"
+        assert sample["files"] == [f"{stem}.mid", f"{stem}.png", f"{stem}.gif"]
+        assert roll.shape == (128, WIDTH)
+        written = midi.read_score(out / f"{stem}.mid")
+        assert sample["notes"] == len(written.notes) == len(midi.roll_to_notes(roll)) > 0
+        assert sample["sounding_cells"] == pytest.approx((roll > 0).mean())
+        with Image.open(out / f"{stem}.png") as png:
+            assert png.size == (2 * WIDTH, 2 * 128)
+        with Image.open(out / f"{stem}.gif") as gif:
+            assert gif.size == (2 * WIDTH, 2 * 128) and gif.n_frames == 2  # one per level-0 round
+
+
+def test_continuation_keeps_the_prompt_and_follows_it(folder, checkpoint, tmp_path, rolls):
+    """Continuation: the first prompt_steps of the output are the prompt file's, cell for cell,
+    and the rest depends on the prompt (same seed, another prompt: other music)."""
+    prompts = [folder / "songs" / "song_0.mid", folder / "songs" / "song_1.mid"]
+    outputs = []
+    for k, prompt in enumerate(prompts):
+        flags = ["--mode", "continuation", "--prompt_midi", prompt, "--prompt_steps", 16]
+        report = generate(checkpoint, tmp_path / f"out{k}", *flags)
+        assert report["mode"] == "continuation"
+        outputs.append(rolls[-2:])
+    first = [roll_of(p)[:, :16] for p in prompts]
+    assert not np.array_equal(*first)
+    for prompt_roll, generated in zip(first, outputs):
+        for roll in generated:
+            np.testing.assert_array_equal(roll[:, :16], prompt_roll)
+    assert any(not np.array_equal(a[:, 16:], b[:, 16:]) for a, b in zip(*outputs))
+
+
+def test_inpainting_changes_only_the_region(folder, checkpoint, tmp_path, rolls):
+    """Inpainting: outside [mask_start, mask_end) x [low, high] the output is the input, cell for
+    cell; inside it is regenerated."""
+    source = folder / "songs" / "song_2.mid"
+    flags = ["--mode", "inpainting", "--input_midi", source, "--mask_start", 8, "--mask_end", 24]
+    report = generate(checkpoint, tmp_path, *flags, "--mask_pitch_low", 40, "--mask_pitch_high", 80)
+    assert report["mode"] == "inpainting"
+    original = roll_of(source)[:, :WIDTH]
+    region = np.zeros((128, WIDTH), bool)
+    region[40:81, 8:24] = True
+    for roll in rolls:
+        np.testing.assert_array_equal(roll[~region], original[~region])
+        assert not np.array_equal(roll[region], original[region])
+
+
+def test_same_seed_same_music(checkpoint, tmp_path, rolls):
+    """A seed reproduces its samples (rolls and MIDI bytes); another seed gives others."""
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        generate(checkpoint, tmp_path / name, "--seed", seed)
+    a, b, c = rolls[0:2], rolls[2:4], rolls[4:6]
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+    for name in ("sample_000.mid", "sample_001.mid"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert not np.array_equal(a[0], c[0])
+    assert not np.array_equal(a[0], a[1])
+
+
+def test_missing_checkpoint(tmp_path):
+    """A path with no checkpoint stops with a message naming it."""
+    message = error_of("--checkpoint", tmp_path / "nowhere", "--output_dir", tmp_path / "out")
+    assert message.startswith(f"error: no checkpoint at {tmp_path / 'nowhere'}")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("mode", ["continuation", "inpainting"])
+def test_unreadable_input_midi(checkpoint, tmp_path, mode):
+    """A prompt or input file of random bytes stops with 'cannot read' and the parser's reason."""
+    junk = tmp_path / "junk.mid"
+    junk.write_bytes(np.random.default_rng(0).bytes(300))
+    flag = "--prompt_midi" if mode == "continuation" else "--input_midi"
+    flags = ["--mode", mode, flag, junk, "--prompt_steps", 8, "--mask_start", 0, "--mask_end", 8]
+    message = error_of("--checkpoint", checkpoint, *flags)
+    assert message.startswith(f"error: cannot read {junk}: ")
+
+
+@pytest.mark.parametrize(
+    ("num_steps", "mask", "length"), [(128, (8, WIDTH + 8), WIDTH), (20, (8, 24), 20), (128, (16, 16), WIDTH)]
+)
+def test_mask_outside_the_input(folder, checkpoint, tmp_path, num_steps, mask, length):
+    """An inpainting region past the end of the input (or of the canvas), or empty, is refused."""
+    source = write_song(tmp_path / "input.mid", seed=5, num_steps=num_steps)
+    flags = ["--mode", "inpainting", "--input_midi", source, "--mask_start", mask[0], "--mask_end", mask[1]]
+    message = error_of("--checkpoint", checkpoint, *flags)
+    assert message.startswith(f"error: mask [{mask[0]}, {mask[1]}) is outside the input")
+    assert f"within [0, {length}) steps" in message
+
+
+@pytest.mark.parametrize("width", [30, -4, 1024])
+def test_bad_target_width(checkpoint, width):
+    """A width that is not a positive multiple of 4 up to max_crop_length is refused."""
+    message = error_of("--checkpoint", checkpoint, "--target_width", width)
+    assert message.startswith(
+        f"error: --target_width {width}: this model generates widths that are multiples of 4"
+    )
+
+
+def test_save_wav_without_fluidsynth(checkpoint, tmp_path, monkeypatch):
+    """--save_wav without the fluidsynth command stops with the install hint."""
+    monkeypatch.setattr(render.shutil, "which", lambda name: None)
+    flags = ["--output_dir", tmp_path, "--num_samples", 1, "--batch_size", BATCH, "--save_wav"]
+    message = error_of("--checkpoint", checkpoint, *flags)
+    assert message.startswith("error: the fluidsynth command was not found")
+    assert "apt install fluidsynth" in message and "--soundfont" in message
+
+
+def test_bad_counts_are_usage_errors(checkpoint):
+    """--num_samples 0 is an argparse usage error (exit code 2)."""
+    with pytest.raises(SystemExit) as stopped:
+        generation.main(["--checkpoint", str(checkpoint), "--num_samples", "0"])
+    assert stopped.value.code == 2
