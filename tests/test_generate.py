@@ -260,3 +260,34 @@ def test_bad_counts_are_usage_errors(checkpoint):
     with pytest.raises(SystemExit) as stopped:
         generation.main(["--checkpoint", str(checkpoint), "--num_samples", "0"])
     assert stopped.value.code == 2
+
+
+def test_evaluate_nll_is_reproducible_and_consistent(folder, checkpoint, tmp_path, capsys):
+    """`python -m fractalmidi_jax.evaluate nll`: the same seed gives the same figure (fixed crops
+    and masks), another seed another one; bits are nats / ln 2; per note is the per-cell figure
+    scaled by the cells per note of the crops; the JSON carries it all."""
+    from fractalmidi_jax import evaluate
+
+    args = dict(crop_length=WIDTH, crops_per_file=2, draws=2, batch_size=8, cache_dir=str(folder / "cache"))
+    first = evaluate.nll(checkpoint, folder / "songs", seed=0, **args)
+    again = evaluate.nll(checkpoint, folder / "songs", seed=0, **args)
+    other = evaluate.nll(checkpoint, folder / "songs", seed=1, **args)
+    assert first["per_draw_nats_per_cell"] == again["per_draw_nats_per_cell"]
+    assert first["nats_per_cell"] != other["nats_per_cell"]
+    assert 0 < first["nats_per_cell"] < np.log(128) + 0.5
+    assert first["bits_per_cell"] == pytest.approx(first["nats_per_cell"] / np.log(2))
+    assert first["crops"] == 8 and first["notes"] > 0
+    cells_per_note = first["crops"] * 128 * WIDTH / first["notes"]
+    assert first["nats_per_note"] == pytest.approx(first["nats_per_cell"] * cells_per_note)
+
+    out = tmp_path / "nll.json"
+    flags = ["--crop_length", WIDTH, "--crops_per_file", 2, "--draws", 2, "--batch_size", 8]
+    evaluate.main(
+        ["nll", "--checkpoint", str(checkpoint), "--data", str(folder / "songs"), "--out", str(out)]
+        + ["--cache_dir", str(folder / "cache")]
+        + [str(f) for f in flags]
+    )
+    assert json.loads(out.read_text())["per_draw_nats_per_cell"] == first["per_draw_nats_per_cell"]
+    assert "nats per cell" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        evaluate.main(["nll", "--checkpoint", str(tmp_path / "nothing"), "--data", str(folder / "songs")])
