@@ -3,8 +3,10 @@
 Every field of fractalmidi_jax/config.py is a flag; `python train.py --help` lists them.
 """
 
-from fractalmidi_jax.config import parse_flags
+from fractalmidi_jax.config import parse_flags, use_compilation_cache
 from fractalmidi_jax.trainer import train
 
 if __name__ == "__main__":
-    train(parse_flags(description=__doc__))
+    config = parse_flags(description=__doc__)
+    use_compilation_cache()
+    train(config)

@@ -219,6 +219,15 @@ def cache_root() -> Path:
     return Path(os.environ.get("FRACTALMIDI_CACHE") or Path.home() / ".cache" / "fractalmidi_jax")
 
 
+def use_compilation_cache() -> None:
+    """Keep compiled XLA programs under cache_root()/xla, so a second run with the same shapes
+    (another generate.py call, a resumed training) skips its compiles."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(cache_root() / "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 def parse_devices(spec: str) -> list[int] | None:
     """'all' -> None; '2' -> first two; '0,1' -> those indices (Lightning's convention)."""
     spec = str(spec).strip()
