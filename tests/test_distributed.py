@@ -12,14 +12,17 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from tiny import tiny_training
 
 from fractalmidi_jax import sharding, steps
-from fractalmidi_jax.config import Config
 
 REPO = Path(__file__).resolve().parents[1]
-GLOBAL_BATCH = 8
+CONFIG = tiny_training()  # test_train.py's settings, so that the single-process program is shared
+GLOBAL_BATCH = CONFIG.train_batch_size
 NUM_STEPS = 2  # the first update has learning rate 0 (warmup); the second moves the weights
 TIMEOUT_S = 300
+
+pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 # One process: start jax.distributed from the JAX_* variables (sharding.maybe_initialize_distributed),
 # build the mesh over both processes' devices, feed its own half of the global batch, train, and
@@ -47,29 +50,6 @@ WORKER = textwrap.dedent(
 )
 
 
-def tiny_config() -> Config:
-    """test_train.py's model and optimizer settings (so the single-process program is shared)."""
-    return Config(
-        img_size_list=(128, 16, 4, 1),
-        embed_dim_list=(32, 16, 16, 8),
-        num_blocks_list=(1, 1, 1, 1),
-        num_heads_list=(2, 2, 2, 2),
-        attn_dropout=0.0,
-        proj_dropout=0.0,
-        crop_length=32,
-        devices="1",
-        train_batch_size=GLOBAL_BATCH,
-        val_batch_size=GLOBAL_BATCH,
-        val_crops_per_file=1,
-        max_steps=1000,
-        warmup_steps=2,
-        lr=1e-3,
-        num_workers=0,
-        num_iter_list=(2, 2, 2, 1),
-        save_top_k=2,
-    ).validate()
-
-
 def global_batch() -> np.ndarray:
     rng = np.random.default_rng(1)
     shape = (GLOBAL_BATCH, 128, 32)
@@ -81,7 +61,7 @@ def load_initial_state(path) -> dict:
     building the model op by op in each process."""
     with np.load(path) as saved:
         leaves = [saved[f"arr_{k}"] for k in range(len(saved.files))]
-    return jax.tree.unflatten(jax.tree.structure(steps.abstract_state(tiny_config())), leaves)
+    return jax.tree.unflatten(jax.tree.structure(steps.abstract_state(CONFIG)), leaves)
 
 
 def run_steps(mesh, local_rows: np.ndarray, state: dict) -> tuple[list[float], list[np.ndarray]]:
@@ -90,10 +70,9 @@ def run_steps(mesh, local_rows: np.ndarray, state: dict) -> tuple[list[float], l
 
     from fractalmidi_jax.fractal import build_model
 
-    config = tiny_config()
-    graphdef = nnx.split(nnx.eval_shape(lambda: build_model(config)))[0]
+    graphdef = nnx.split(nnx.eval_shape(lambda: build_model(CONFIG)))[0]
     state = steps.place_state(state, mesh)
-    train_step = steps.make_train_step(graphdef, config, mesh)
+    train_step = steps.make_train_step(graphdef, CONFIG, mesh)
     roll = sharding.global_batch(mesh, {"roll": local_rows})["roll"]
     losses = []
     for _ in range(NUM_STEPS):
@@ -108,28 +87,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """A persistent compilation cache shared with the other training test modules, undone afterwards."""
-    from jax.experimental.compilation_cache import compilation_cache as cc
-
-    directory = tmp_path_factory.getbasetemp() / "jax_compilation_cache"
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-    previous = {name: getattr(jax.config, name) for name in names}
-    jax.config.update("jax_compilation_cache_dir", str(directory))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    cc.reset_cache()
-    yield directory
-    for name, value in previous.items():
-        jax.config.update(name, value)
-    cc.reset_cache()
-
-
 def test_two_processes_train_like_one(tmp_path):
     """Two processes (2 CPU devices each) started with JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES
     and JAX_PROCESS_ID form one 4-device mesh, each feeds its half of the batch, and both end
     with the losses and weights of one process training on the whole batch."""
-    initial = jax.device_get(steps.init_state(tiny_config())[1])
+    initial = jax.device_get(steps.init_state(CONFIG)[1])
     np.savez(tmp_path / "initial.npz", *jax.tree.leaves(initial))
     script = tmp_path / "worker.py"
     script.write_text(WORKER)

@@ -1,106 +1,34 @@
 """generate.py's modes, outputs and errors, with a checkpoint of a tiny 2-step training run (CPU)."""
 
 import json
-import signal
 
-import jax
 import numpy as np
-import pretty_midi
 import pytest
 from PIL import Image
+from tiny import TINY, stop_at, tiny_training, write_song
 
-from fractalmidi_jax import data, generation, midi, render, trainer
-from fractalmidi_jax.config import Config
+from fractalmidi_jax import generation, midi, render, trainer
 
-REAL_LOADER = data.Loader
-WIDTH = 32  # the tiny model's crop_length: the default --target_width
+WIDTH = TINY.crop_length  # the default --target_width
 BATCH = 4  # samples per sampler call, as for the trainer's images (the same compiled sampler)
 
-
-def write_song(path, seed: int, num_steps: int = 128):
-    """A random piano piece of `num_steps` sixteenths at 120 bpm."""
-    rng = np.random.default_rng(seed)
-    song = pretty_midi.PrettyMIDI(resolution=480, initial_tempo=120.0)
-    piano = pretty_midi.Instrument(program=0)
-    for onset in rng.integers(0, num_steps - 4, 40):
-        end = onset + rng.integers(1, 4)
-        piano.notes.append(
-            pretty_midi.Note(int(rng.integers(20, 128)), int(rng.integers(40, 90)), onset / 8, end / 8)
-        )
-    piano.notes.append(pretty_midi.Note(90, 60, (num_steps - 1) / 8, num_steps / 8))
-    song.instruments.append(piano)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    song.write(str(path))
-    return path
+pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 
 def roll_of(path) -> np.ndarray:
     return midi.score_to_roll(midi.read_score(path))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """A persistent compilation cache shared with the other training test modules, undone afterwards."""
-    from jax.experimental.compilation_cache import compilation_cache as cc
-
-    directory = tmp_path_factory.getbasetemp() / "jax_compilation_cache"
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-    previous = {name: getattr(jax.config, name) for name in names}
-    jax.config.update("jax_compilation_cache_dir", str(directory))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    cc.reset_cache()
-    yield directory
-    for name, value in previous.items():
-        jax.config.update(name, value)
-    cc.reset_cache()
-
-
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     """songs/ (four MIDI files) and run/: a tiny model trained for 2 steps (stopped by SIGTERM,
-    with the config of test_train.py, so that the compiled program is shared)."""
+    with test_train.py's tiny_training config, so that the compiled program is shared)."""
     folder = tmp_path_factory.mktemp("generate")
     for k in range(4):
         write_song(folder / "songs" / f"song_{k}.mid", seed=10 + k)
-    config = Config(
-        train_data=str(folder / "songs"),
-        val_data=str(folder / "songs"),
-        cache_dir=str(folder / "cache"),
-        output_dir=str(folder / "run"),
-        img_size_list=(128, 16, 4, 1),
-        embed_dim_list=(32, 16, 16, 8),
-        num_blocks_list=(1, 1, 1, 1),
-        num_heads_list=(2, 2, 2, 2),
-        attn_dropout=0.0,
-        proj_dropout=0.0,
-        crop_length=WIDTH,
-        devices="1",
-        train_batch_size=8,
-        val_batch_size=8,
-        val_crops_per_file=1,
-        max_steps=1000,
-        warmup_steps=2,
-        lr=1e-3,
-        num_workers=0,
-        log_every_n_steps=1,
-        val_check_interval_steps=2,
-        checkpoint_every_n_steps=2,
-        log_images_every_n_steps=0,
-        num_iter_list=(2, 2, 2, 1),
-        save_top_k=2,
-    ).validate()
-
-    class Loader(REAL_LOADER):  # SIGTERM while the batch of step 2 is taken: stop after step 2
-        def __next__(self):
-            if self.step == 1:
-                handler = signal.getsignal(signal.SIGTERM)
-                assert isinstance(getattr(handler, "__self__", None), trainer.StopRequest), handler
-                signal.raise_signal(signal.SIGTERM)
-            return super().__next__()
-
     with pytest.MonkeyPatch.context() as monkeypatch:
-        monkeypatch.setattr(data, "Loader", Loader)
-        trainer.train(config)
+        stop_at(monkeypatch, 2)
+        trainer.train(tiny_training(folder, output_dir=str(folder / "run")))
     return folder
 
 

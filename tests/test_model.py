@@ -11,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from tiny import TINY, tiny
 
 from fractalmidi_jax import sampler as sampler_lib
 from fractalmidi_jax.ar import ARLevel
@@ -18,21 +19,7 @@ from fractalmidi_jax.config import Config, ConfigError
 from fractalmidi_jax.fractal import budgets, build_model, count_params, fractal_loss, tokens_per_level
 from fractalmidi_jax.mar import MARLevel
 
-TINY = Config(
-    img_size_list=(128, 16, 4, 1),
-    embed_dim_list=(32, 16, 16, 8),
-    num_blocks_list=(1, 1, 1, 1),
-    num_heads_list=(2, 2, 2, 2),
-    generator_types=("mar", "mar", "mar"),
-    crop_length=32,
-    attn_dropout=0.0,
-    proj_dropout=0.0,
-)
 LOG_128 = math.log(128)
-
-
-def tiny(**changes) -> Config:
-    return TINY.replace(**changes).validate()
 
 
 def random_roll(seed, batch, width, density=0.05):

@@ -8,30 +8,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from tiny import TINY, tiny
 
 from fractalmidi_jax import masking
 from fractalmidi_jax import sampler as sampler_lib
 from fractalmidi_jax.ar import ARLevel
-from fractalmidi_jax.config import Config
 from fractalmidi_jax.fractal import build_model
 
-TINY = Config(
-    img_size_list=(128, 16, 4, 1),
-    embed_dim_list=(32, 16, 16, 8),
-    num_blocks_list=(1, 1, 1, 1),
-    num_heads_list=(2, 2, 2, 2),
-    generator_types=("mar", "mar", "mar"),
-    crop_length=32,
-    attn_dropout=0.0,
-    proj_dropout=0.0,
-)
 NUM_ITER = (2, 2, 2, 1)
 BATCH, WIDTH = 2, 32
 ONE = jnp.float32(1.0)
-
-
-def tiny(**changes) -> Config:
-    return TINY.replace(**changes).validate()
 
 
 @functools.lru_cache

@@ -18,82 +18,21 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pretty_midi
 import pytest
 import yaml
+from tiny import stop_at, tiny_training, write_song
 
 from fractalmidi_jax import checkpoint as ckpt
-from fractalmidi_jax import data, optim, sharding, steps, trainer
+from fractalmidi_jax import optim, sharding, steps, trainer
 from fractalmidi_jax.config import Config, save_yaml
 
 REPO = Path(__file__).resolve().parents[1]
-REAL_LOADER = data.Loader
 N = 3  # optimizer steps before the resume
+
+pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 
 # --- helpers ---
-
-
-def write_song(path: Path, seed: int, num_steps: int = 128) -> Path:
-    """A random piano piece of `num_steps` sixteenths at 120 bpm."""
-    rng = np.random.default_rng(seed)
-    song = pretty_midi.PrettyMIDI(resolution=480, initial_tempo=120.0)
-    piano = pretty_midi.Instrument(program=0)
-    for onset in rng.integers(0, num_steps - 4, 40):
-        end = onset + rng.integers(1, 4)
-        piano.notes.append(
-            pretty_midi.Note(int(rng.integers(20, 128)), int(rng.integers(40, 90)), onset / 8, end / 8)
-        )
-    piano.notes.append(pretty_midi.Note(90, 60, (num_steps - 1) / 8, num_steps / 8))
-    song.instruments.append(piano)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    song.write(str(path))
-    return path
-
-
-def tiny_config(folder: Path, **changes) -> Config:
-    values = dict(
-        train_data=str(folder / "songs"),
-        val_data=str(folder / "songs"),
-        cache_dir=str(folder / "cache"),
-        img_size_list=(128, 16, 4, 1),
-        embed_dim_list=(32, 16, 16, 8),
-        num_blocks_list=(1, 1, 1, 1),
-        num_heads_list=(2, 2, 2, 2),
-        attn_dropout=0.0,
-        proj_dropout=0.0,
-        crop_length=32,
-        devices="1",
-        train_batch_size=8,
-        val_batch_size=8,
-        val_crops_per_file=1,
-        max_steps=1000,
-        warmup_steps=2,
-        lr=1e-3,
-        num_workers=0,
-        log_every_n_steps=1,
-        val_check_interval_steps=2,
-        checkpoint_every_n_steps=2,
-        log_images_every_n_steps=0,
-        num_iter_list=(2, 2, 2, 1),
-        save_top_k=2,
-    )
-    return Config(**dict(values, **changes)).validate()
-
-
-def stop_at(monkeypatch, micro_step: int) -> None:
-    """The next trainer.train gets a SIGTERM while it takes the batch of `micro_step` (1-based),
-    as a preemption would: it finishes that step, saves a checkpoint and returns."""
-
-    class Loader(REAL_LOADER):
-        def __next__(self):
-            if self.step == micro_step - 1:
-                handler = signal.getsignal(signal.SIGTERM)
-                assert isinstance(getattr(handler, "__self__", None), trainer.StopRequest), handler
-                signal.raise_signal(signal.SIGTERM)
-            return super().__next__()
-
-    monkeypatch.setattr(data, "Loader", Loader)
 
 
 def saved_state(path, config: Config) -> dict:
@@ -138,24 +77,6 @@ def cache_env(directory: Path) -> dict:
 # --- fixtures ---
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """A persistent compilation cache for this module (shared with the other training test
-    modules of the session and with subprocesses), undone afterwards."""
-    from jax.experimental.compilation_cache import compilation_cache as cc
-
-    directory = tmp_path_factory.getbasetemp() / "jax_compilation_cache"
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-    previous = {name: getattr(jax.config, name) for name in names}
-    jax.config.update("jax_compilation_cache_dir", str(directory))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    cc.reset_cache()
-    yield directory
-    for name, value in previous.items():
-        jax.config.update(name, value)
-    cc.reset_cache()
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     """A folder with songs/ (four small MIDI files) and cache/."""
@@ -167,7 +88,7 @@ def corpus(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def config(corpus) -> Config:
-    return tiny_config(corpus)
+    return tiny_training(corpus)
 
 
 @pytest.fixture(scope="module")
@@ -373,7 +294,7 @@ def test_no_usable_training_file_stops_before_compiling(tmp_path, monkeypatch):
         (tmp_path / "songs" / f"broken_{k}.mid").write_bytes(b"MThd\x00\x00\x00\x06\x00\x01\x00\x01\x01")
     monkeypatch.setattr(steps, "init_state", lambda *a: pytest.fail("built a model"))
     monkeypatch.setattr(steps, "make_train_step", lambda *a: pytest.fail("compiled a train step"))
-    config = tiny_config(tmp_path, output_dir=str(tmp_path / "out"))
+    config = tiny_training(tmp_path, output_dir=str(tmp_path / "out"))
     with pytest.raises(
         ValueError, match=r"no usable MIDI file in .*songs.*2 files listed: 0 loaded.*2 skipped"
     ):

@@ -1,0 +1,92 @@
+"""Helpers shared by the test modules: the tiny model and its training settings, random songs, and
+a SIGTERM at a chosen step.
+
+The training settings are one config on purpose: test_train.py, test_generate.py and
+test_distributed.py share their compiled programs through the persistent compilation cache only
+while everything that shapes the program (batch, widths, schedule, dtypes) is the same.
+"""
+
+import signal
+from pathlib import Path
+
+import numpy as np
+import pretty_midi
+
+from fractalmidi_jax import data, trainer
+from fractalmidi_jax.config import Config
+
+REAL_LOADER = data.Loader
+
+TINY = Config(
+    img_size_list=(128, 16, 4, 1),
+    embed_dim_list=(32, 16, 16, 8),
+    num_blocks_list=(1, 1, 1, 1),
+    num_heads_list=(2, 2, 2, 2),
+    generator_types=("mar", "mar", "mar"),
+    crop_length=32,
+    attn_dropout=0.0,
+    proj_dropout=0.0,
+)
+
+
+def tiny(**changes) -> Config:
+    return TINY.replace(**changes).validate()
+
+
+def tiny_training(folder: Path | None = None, **changes) -> Config:
+    """The tiny model with one device, a global batch of 8 and max_steps large enough that the
+    learning-rate schedule, and with it the compiled program, is the same in every run; with a
+    folder, its songs/ is the data and its cache/ the roll cache."""
+    values = dict(
+        generator_types=Config.generator_types,  # the default, as the training tests always had
+        devices="1",
+        train_batch_size=8,
+        val_batch_size=8,
+        val_crops_per_file=1,
+        max_steps=1000,
+        warmup_steps=2,
+        lr=1e-3,
+        num_workers=0,
+        log_every_n_steps=1,
+        val_check_interval_steps=2,
+        checkpoint_every_n_steps=2,
+        log_images_every_n_steps=0,
+        num_iter_list=(2, 2, 2, 1),
+        save_top_k=2,
+    )
+    if folder is not None:
+        songs = str(folder / "songs")
+        values.update(train_data=songs, val_data=songs, cache_dir=str(folder / "cache"))
+    return tiny(**dict(values, **changes))
+
+
+def write_song(path: Path, seed: int, num_steps: int = 128) -> Path:
+    """A random piano piece of `num_steps` sixteenths at 120 bpm."""
+    rng = np.random.default_rng(seed)
+    song = pretty_midi.PrettyMIDI(resolution=480, initial_tempo=120.0)
+    piano = pretty_midi.Instrument(program=0)
+    for onset in rng.integers(0, num_steps - 4, 40):
+        end = onset + rng.integers(1, 4)
+        piano.notes.append(
+            pretty_midi.Note(int(rng.integers(20, 128)), int(rng.integers(40, 90)), onset / 8, end / 8)
+        )
+    piano.notes.append(pretty_midi.Note(90, 60, (num_steps - 1) / 8, num_steps / 8))
+    song.instruments.append(piano)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    song.write(str(path))
+    return path
+
+
+def stop_at(monkeypatch, micro_step: int) -> None:
+    """The next trainer.train gets a SIGTERM while it takes the batch of `micro_step` (1-based),
+    as a preemption would: it finishes that step, saves a checkpoint and returns."""
+
+    class Loader(REAL_LOADER):
+        def __next__(self):
+            if self.step == micro_step - 1:
+                handler = signal.getsignal(signal.SIGTERM)
+                assert isinstance(getattr(handler, "__self__", None), trainer.StopRequest), handler
+                signal.raise_signal(signal.SIGTERM)
+            return super().__next__()
+
+    monkeypatch.setattr(data, "Loader", Loader)
