@@ -243,13 +243,14 @@ def nll(
     import numpy as np
 
     from fractalmidi_jax import data, midi, sharding, steps
+    from fractalmidi_jax import library as rolls
     from fractalmidi_jax.generation import check_width, load_model
 
     config, graphdef, params, path = load_model(checkpoint, use_ema)
     width = crop_length or config.crop_length
     check_width(config, width)
     config = config.replace(crop_length=width)
-    library = data.RollLibrary(data_source, cache_dir=cache_dir or None)
+    library = rolls.RollLibrary(data_source, cache_dir=cache_dir or None)
     crops = data.fixed_crops(library, width, crops_per_file, seed, config.crop_alignment)
     mesh = sharding.make_mesh("all")
     global_batch = -(-batch_size // mesh.devices.size) * mesh.devices.size

@@ -24,6 +24,7 @@ import numpy as np
 
 from fractalmidi_jax import checkpoint as ckpt
 from fractalmidi_jax import data, midi, render, sharding, steps
+from fractalmidi_jax import library as rolls
 from fractalmidi_jax import sampler as sampler_lib
 from fractalmidi_jax.config import Config, save_yaml
 from fractalmidi_jax.fractal import train_flops_per_sample
@@ -60,9 +61,9 @@ def resolve_data(spec: str, split: str) -> str:
     return str(prepare_bach_corpus() / f"{split}.txt")
 
 
-def load_library(spec: str, split: str, config: Config) -> data.RollLibrary:
+def load_library(spec: str, split: str, config: Config) -> rolls.RollLibrary:
     options = midi.ReadOptions(include_drums=config.include_drums, sustain_pedal=config.sustain_pedal)
-    library = data.RollLibrary(
+    library = rolls.RollLibrary(
         resolve_data(spec, split),
         options,
         cache_dir=config.cache_dir or None,

@@ -11,6 +11,7 @@ import pretty_midi
 import pytest
 
 from fractalmidi_jax import data, midi
+from fractalmidi_jax import library as rolls
 
 SECONDS_PER_STEP = 0.125  # a sixteenth at 120 bpm
 
@@ -53,7 +54,7 @@ def songs(tmp_path):
 
 def library_of(files, tmp_path, **kwargs):
     kwargs.setdefault("num_workers", 0)
-    return data.RollLibrary(files, cache_dir=tmp_path / "cache", **kwargs)
+    return rolls.RollLibrary(files, cache_dir=tmp_path / "cache", **kwargs)
 
 
 # --- file lists ---
@@ -65,7 +66,7 @@ def test_list_file_skips_comments_and_resolves_relative_paths(tmp_path):
     listing = tmp_path / "lists" / "train.txt"
     listing.parent.mkdir()
     listing.write_text(f"# a comment\n\n  ../music/a.mid  \n{b}\n")
-    files = data.resolve_files(listing)
+    files = rolls.resolve_files(listing)
     assert [f.resolve() for f in files] == [a.resolve(), b.resolve()]
 
 
@@ -73,7 +74,7 @@ def test_folder_is_walked_recursively_and_sorted(tmp_path):
     for name in ("b.mid", "a/c.MIDI", "a/d.midi", "notes.txt"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"")
-    assert [f.relative_to(tmp_path).as_posix() for f in data.resolve_files(tmp_path)] == [
+    assert [f.relative_to(tmp_path).as_posix() for f in rolls.resolve_files(tmp_path)] == [
         "a/c.MIDI",
         "a/d.midi",
         "b.mid",
@@ -82,15 +83,15 @@ def test_folder_is_walked_recursively_and_sorted(tmp_path):
 
 def test_resolve_files_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither a file list nor a folder"):
-        data.resolve_files(tmp_path / "missing.txt")
+        rolls.resolve_files(tmp_path / "missing.txt")
     with pytest.raises(FileNotFoundError):
-        data.resolve_files(tmp_path / "missing_folder")
+        rolls.resolve_files(tmp_path / "missing_folder")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no \\*.mid"):
-        data.resolve_files(tmp_path / "empty")
+        rolls.resolve_files(tmp_path / "empty")
     (tmp_path / "empty.txt").write_text("# nothing\n\n")
     with pytest.raises(ValueError, match="names no files"):
-        data.resolve_files(tmp_path / "empty.txt")
+        rolls.resolve_files(tmp_path / "empty.txt")
 
 
 def test_make_lists_is_deterministic_and_stable_when_files_are_added(tmp_path):
@@ -98,21 +99,21 @@ def test_make_lists_is_deterministic_and_stable_when_files_are_added(tmp_path):
     for k in range(60):
         (folder / f"{k // 10}").mkdir(parents=True, exist_ok=True)
         (folder / f"{k // 10}" / f"{k}.mid").write_bytes(b"")
-    first = data.make_lists(folder, tmp_path / "lists1", 0.2, 0.2)
-    again = data.make_lists(folder, tmp_path / "lists2", 0.2, 0.2)
+    first = rolls.make_lists(folder, tmp_path / "lists1", 0.2, 0.2)
+    again = rolls.make_lists(folder, tmp_path / "lists2", 0.2, 0.2)
     assert first == again
-    assert all(first[name] for name in data.SPLITS)
-    assert sorted(p for paths in first.values() for p in paths) == data.resolve_files(folder)
+    assert all(first[name] for name in rolls.SPLITS)
+    assert sorted(p for paths in first.values() for p in paths) == rolls.resolve_files(folder)
     # The written lists hold relative paths that resolve back to the files.
     text = (tmp_path / "lists1" / "valid.txt").read_text()
     assert not any(line.startswith("/") for line in text.splitlines())
-    assert [p.resolve() for p in data.resolve_files(tmp_path / "lists1" / "valid.txt")] == [
+    assert [p.resolve() for p in rolls.resolve_files(tmp_path / "lists1" / "valid.txt")] == [
         p.resolve() for p in first["valid"]
     ]
     for k in range(60, 90):
         (folder / f"{k}.mid").write_bytes(b"")
-    grown = data.make_lists(folder, tmp_path / "lists3", 0.2, 0.2)
-    for name in data.SPLITS:
+    grown = rolls.make_lists(folder, tmp_path / "lists3", 0.2, 0.2)
+    for name in rolls.SPLITS:
         assert set(first[name]) <= set(grown[name])
 
 
@@ -123,9 +124,9 @@ def test_segments_round_trip():
     rng = np.random.default_rng(0)
     for num_steps in (0, 1, 7, 300):
         roll = (rng.integers(0, 4, (128, num_steps)) * (rng.random((128, num_steps)) < 0.3)).astype(np.uint8)
-        segments = data.roll_to_segments(roll)
+        segments = rolls.roll_to_segments(roll)
         assert segments.dtype == np.int32 and segments.shape[1] == 4
-        np.testing.assert_array_equal(data.segments_to_roll(segments, num_steps), roll)
+        np.testing.assert_array_equal(rolls.segments_to_roll(segments, num_steps), roll)
 
 
 def test_library_matches_midi_and_reads_from_cache_second_time(songs, tmp_path):
@@ -145,16 +146,16 @@ def test_library_matches_midi_and_reads_from_cache_second_time(songs, tmp_path):
 
 def test_cache_key_follows_file_bytes_pipeline_version_and_options(songs, tmp_path, monkeypatch):
     path = songs[0]
-    key = data.cache_key(path, midi.ReadOptions())
-    assert data.cache_key(path, midi.ReadOptions()) == key
-    assert data.cache_key(path, midi.ReadOptions(sustain_pedal=True)) != key
+    key = rolls.cache_key(path, midi.ReadOptions())
+    assert rolls.cache_key(path, midi.ReadOptions()) == key
+    assert rolls.cache_key(path, midi.ReadOptions(sustain_pedal=True)) != key
     monkeypatch.setattr(midi, "PIPELINE_VERSION", midi.PIPELINE_VERSION + 1)
-    assert data.cache_key(path, midi.ReadOptions()) != key
+    assert rolls.cache_key(path, midi.ReadOptions()) != key
     assert library_of([path], tmp_path).num_from_cache == 0  # the new version misses the old cache
     monkeypatch.undo()
     library_of([path], tmp_path)
     write_song(path, [(70, 0, 9, 80)])  # editing the file
-    assert data.cache_key(path, midi.ReadOptions()) != key
+    assert rolls.cache_key(path, midi.ReadOptions()) != key
     edited = library_of([path], tmp_path)
     assert edited.num_from_cache == 0
     assert edited.num_steps[0] == 9 and edited.roll(0)[70].sum() == 9 * 80
@@ -162,9 +163,9 @@ def test_cache_key_follows_file_bytes_pipeline_version_and_options(songs, tmp_pa
 
 def test_default_cache_dir_follows_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("FRACTALMIDI_CACHE", str(tmp_path))
-    assert data.default_cache_dir() == tmp_path / "rolls"
+    assert rolls.default_cache_dir() == tmp_path / "rolls"
     monkeypatch.delenv("FRACTALMIDI_CACHE")
-    assert data.default_cache_dir() == Path.home() / ".cache" / "fractalmidi_jax" / "rolls"
+    assert rolls.default_cache_dir() == Path.home() / ".cache" / "fractalmidi_jax" / "rolls"
 
 
 # --- unusable files ---
@@ -202,7 +203,7 @@ def _parse_or_misbehave(x):
 def test_worker_crash_and_hang_cost_only_their_item():
     items = [(1,), ("crash",), (2,), ("hang",), ("bad",), (3,)]
     results = {
-        index: (ok, value) for index, ok, value in data._map_isolated(_parse_or_misbehave, items, 2, 1.0)
+        index: (ok, value) for index, ok, value in rolls._map_isolated(_parse_or_misbehave, items, 2, 1.0)
     }
     assert results[0] == (True, 2) and results[2] == (True, 4) and results[5] == (True, 6)
     assert results[1][0] is False and "exit code 3" in results[1][1]
@@ -212,8 +213,8 @@ def test_worker_crash_and_hang_cost_only_their_item():
 
 def test_parse_in_worker_processes_equals_in_process(songs, tmp_path):
     files = [*songs, write_broken(tmp_path / "broken.mid")]
-    pooled = data.RollLibrary(files, cache_dir=tmp_path / "pool_cache", num_workers=2)
-    local = data.RollLibrary(files, cache_dir=tmp_path / "local_cache", num_workers=0)
+    pooled = rolls.RollLibrary(files, cache_dir=tmp_path / "pool_cache", num_workers=2)
+    local = rolls.RollLibrary(files, cache_dir=tmp_path / "local_cache", num_workers=0)
     assert pooled.files == local.files and pooled.skipped == local.skipped
     for k in range(len(local)):
         np.testing.assert_array_equal(pooled.roll(k), local.roll(k))
@@ -314,7 +315,8 @@ def test_background_loader_equals_synchronous_loader(songs, tmp_path):
 def test_unclosed_loader_does_not_hang_interpreter_exit(songs, tmp_path):
     script = f"""
 from fractalmidi_jax import data
-library = data.RollLibrary({[str(s) for s in songs]!r}, cache_dir={str(tmp_path / "cache")!r}, num_workers=0)
+from fractalmidi_jax import library as rolls
+library = rolls.RollLibrary({[str(s) for s in songs]!r}, cache_dir={str(tmp_path / "cache")!r}, num_workers=0)
 loader = data.Loader(data.BatchStream(library, data.CropSpec(64), 2), num_workers=2, prefetch=8)
 next(loader)
 print("done")
