@@ -203,7 +203,7 @@ def train(config: Config) -> Path:
     num_devices = mesh.devices.size
     global_batch = config.train_batch_size * num_devices
     graphdef, state, restored_from = initial_state(config, mesh)
-    model_params = count_params_from_state(state)
+    model_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     log(
         f"model: {model_params / 1e6:.2f}M parameters, levels {'/'.join(config.generator_types)}; "
         f"{num_devices} {jax.devices()[0].platform} device(s), global batch {global_batch}; "
@@ -314,7 +314,3 @@ def train(config: Config) -> Path:
             writer.close()
     log(f"done: {output_dir}")
     return output_dir
-
-
-def count_params_from_state(state) -> int:
-    return sum(x.size for x in jax.tree.leaves(state["params"]))
