@@ -63,10 +63,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def num_local_devices(mesh: Mesh) -> int:
-    return sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
-
-
 def global_batch(mesh: Mesh, local_batch: dict) -> dict:
     """This process's slice of the batch (numpy) -> global arrays sharded over `data`."""
     sharding = batch_sharding(mesh)

@@ -44,7 +44,7 @@ WORKER = textwrap.dedent(
     np.savez(f"{sys.argv[2]}/params_{index}.npz", *params)
     print("RESULT " + json.dumps({
         "process": index, "processes": count, "devices": int(mesh.devices.size),
-        "local_devices": sharding.num_local_devices(mesh), "local_rows": len(rows), "losses": losses,
+        "local_devices": sum(d.process_index == index for d in mesh.devices.flat), "local_rows": len(rows), "losses": losses,
     }), flush=True)
     """
 )
