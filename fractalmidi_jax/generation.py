@@ -43,12 +43,7 @@ def load_model(checkpoint: str, use_ema: bool = True):
         config = from_dict(meta["config"]).validate()
     except (ConfigError, KeyError) as error:
         raise ckpt.CheckpointError(f"checkpoint {path} has an unreadable config: {error}") from None
-    mesh = sharding.make_mesh("1")
-    target = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.replicated(mesh)),
-        steps.abstract_state(config),
-    )
-    state = ckpt.restore(path, target)
+    state = ckpt.restore(path, steps.restore_target(config, sharding.make_mesh("1")))
     graphdef, _ = nnx.split(nnx.eval_shape(lambda: build_model(config)))
     params = steps.eval_params(state) if use_ema else state["params"]
     return config, graphdef, params, path
@@ -71,9 +66,8 @@ def check_ar_prefix(config: Config, known_mask_PxW: np.ndarray) -> None:
     width = known_mask_PxW.shape[1]
     padded = np.zeros((NUM_PITCHES, -(-width // patch) * patch), bool)
     padded[:, :width] = known_mask_PxW
-    rows, cols = NUM_PITCHES // patch, padded.shape[1] // patch
-    tiles = padded.reshape(rows, patch, cols, patch).transpose(0, 2, 1, 3).reshape(rows * cols, -1)
-    scan = grid_lib.Grid(rows, cols, patch).scan_order(config.scan_order)
+    tiles = grid_lib.patchify(padded[None], patch)[0]
+    scan = grid_lib.Grid(NUM_PITCHES // patch, padded.shape[1] // patch, patch).scan_order(config.scan_order)
     all_known, any_known = tiles.all(axis=1)[scan], tiles.any(axis=1)[scan]
     first_open = int(np.argmin(all_known)) if not all_known.all() else len(scan)
     if any_known[first_open + 1 :].any():

@@ -39,6 +39,14 @@ def abstract_state(config: Config):
     return jax.eval_shape(lambda: init_state(config)[1])
 
 
+def restore_target(config: Config, mesh):
+    """The state's shapes and dtypes, replicated over `mesh`: what a checkpoint restores into."""
+    sharding = replicated(mesh)
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract_state(config)
+    )
+
+
 def place_state(state, mesh):
     return jax.device_put(state, replicated(mesh))
 

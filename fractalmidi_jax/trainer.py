@@ -93,10 +93,7 @@ def initial_state(config: Config, mesh):
     meta = ckpt.read_meta(path)
     _check_architecture(meta["config"], config, path)
     saved_ema = meta["config"].get("ema_decay", 0) > 0
-    target = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.replicated(mesh)),
-        steps.abstract_state(config.replace(ema_decay=config.ema_decay if saved_ema else 0.0)),
-    )
+    target = steps.restore_target(config.replace(ema_decay=config.ema_decay if saved_ema else 0.0), mesh)
     restored = ckpt.restore(path, target)
     if meta["config"]["crop_length"] == config.crop_length:
         if "ema" not in fresh:

@@ -37,11 +37,7 @@ pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 def saved_state(path, config: Config) -> dict:
     """The state of a checkpoint (folder, latest, best...) as numpy arrays."""
-    mesh = sharding.make_mesh("1")
-    target = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.replicated(mesh)),
-        steps.abstract_state(config),
-    )
+    target = steps.restore_target(config, sharding.make_mesh("1"))
     return jax.device_get(ckpt.restore(ckpt.resolve(path), target))
 
 
