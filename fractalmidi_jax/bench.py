@@ -3,8 +3,10 @@
     python -m fractalmidi_jax.bench                  # every case, one table
     python -m fractalmidi_jax.bench --only train     # cases whose name contains 'train'
 
-Each case compiles once (compile time reported), runs warm-up steps, then times `--steps`
-steps with device synchronisation and reports the median. Inputs are realistic sparse rolls
+Each case compiles once (compile time reported), runs warm-up steps, then reports the median
+seconds per step over `--steps` timings of 5 steps dispatched back to back with one device
+synchronisation (as in training, where the host never waits for a step); sampling times each
+batch on its own. Inputs are realistic sparse rolls
 (about 3% of cells sounding, notes of 1-16 steps). Memory is XLA's own account of the
 compiled program (arguments + temporaries + outputs). Model FLOP utilisation counts the
 matmul and attention FLOPs the budgets compute (fractal.train_flops_per_sample) against the
@@ -46,6 +48,7 @@ CASES = {
 }
 BEST_BATCHES = (16, 32, 64, 128, 256)
 REFERENCE_BEST = 168.0  # samples/s, 128x512 batch 64 bf16
+TRAIN_BURST = 5  # training steps per timing, synchronised once
 
 
 def realistic_rolls(batch: int, width: int, seed: int = 0) -> np.ndarray:
@@ -60,12 +63,17 @@ def realistic_rolls(batch: int, width: int, seed: int = 0) -> np.ndarray:
     return rolls
 
 
-def _median_seconds(run, count: int) -> float:
+def _median_seconds(run, count: int, burst: int = 1) -> float:
+    """Median over `count` repetitions of the seconds per call, with `burst` calls dispatched
+    back to back and one device synchronisation at the end (the training loop never waits for
+    a step, so the host prepares the next step while the device runs this one)."""
     times = []
     for _ in range(count):
         start = time.perf_counter()
-        jax.block_until_ready(run())
-        times.append(time.perf_counter() - start)
+        for _ in range(burst):
+            out = run()
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - start) / burst)
     return statistics.median(times)
 
 
@@ -75,6 +83,13 @@ def _memory_gib(compiled) -> float:
         return float("nan")
     used = stats.argument_size_in_bytes + stats.temp_size_in_bytes + stats.output_size_in_bytes
     return (used - stats.alias_size_in_bytes) / 2**30
+
+
+def _profile(run, profile_dir: str):
+    """A Perfetto trace of 5 runs in `profile_dir` (none if empty)."""
+    if profile_dir:
+        with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+            _median_seconds(run, 5)
 
 
 def bench_train(config: Config, batch: int, width: int, num_steps: int, profile_dir: str = "") -> dict:
@@ -96,10 +111,8 @@ def bench_train(config: Config, batch: int, width: int, num_steps: int, profile_
 
     for _ in range(3):
         run()
-    seconds = _median_seconds(run, num_steps)
-    if profile_dir:
-        with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
-            _median_seconds(run, 5)
+    seconds = _median_seconds(run, num_steps, TRAIN_BURST)
+    _profile(run, profile_dir)
     flops = train_flops_per_sample(config, width) * batch
     return {
         "compile_s": compile_s,
@@ -110,11 +123,13 @@ def bench_train(config: Config, batch: int, width: int, num_steps: int, profile_
     }
 
 
-def bench_sample(config: Config, batch: int, width: int, num_iter: tuple[int, ...], repeats: int) -> dict:
+def bench_sample(
+    config: Config, batch: int, width: int, num_iter: tuple[int, ...], repeats: int, profile_dir: str = ""
+) -> dict:
     config = config.replace(max_crop_length=max(width, 512))
     graphdef, state = steps.init_state(config)
     params = state["params"]
-    run_sampler = sampler_lib.make_sampler(graphdef, config, num_iter)
+    run_sampler = sampler_lib.make_sampler(config, num_iter)
     cells, known = sampler_lib.unconditional_inputs(batch, width)
     start = time.perf_counter()
     compiled = run_sampler.lower(params, cells, known, jax.random.key(0), jnp.float32(1.0)).compile()
@@ -123,6 +138,7 @@ def bench_sample(config: Config, batch: int, width: int, num_iter: tuple[int, ..
     run = lambda: compiled(params, cells, known, key, jnp.float32(1.0))[0]
     run()
     seconds = _median_seconds(run, repeats)
+    _profile(run, profile_dir)
     return {
         "compile_s": compile_s,
         "seconds": seconds,
@@ -136,10 +152,11 @@ def run_cases(names, base: Config, num_steps: int, num_iter, profile_dir: str = 
     for i, name in enumerate(names):
         kind, width, batch, precision, generator_types, reference = CASES[name]
         config = base.replace(precision=precision, generator_types=generator_types or base.generator_types)
+        profile = profile_dir if i == 0 else ""
         if kind == "train":
-            result = bench_train(config, batch, width, num_steps, profile_dir if i == 0 else "")
+            result = bench_train(config, batch, width, num_steps, profile)
         else:
-            result = bench_sample(config, batch, width, num_iter, max(3, num_steps // 3))
+            result = bench_sample(config, batch, width, num_iter, max(3, num_steps // 3), profile)
         result.update(name=name, reference_seconds=reference, speedup=reference / result["seconds"])
         rows.append(result)
         print(_format_row(result), flush=True)
@@ -187,14 +204,19 @@ def main(argv=None):
     )
     parser.add_argument("--dropout", type=float, default=0.1, help="attention and projection dropout")
     parser.add_argument(
-        "--profile", default="", help="write a Perfetto trace of 5 steps of the first case here"
+        "--profile",
+        default="",
+        help="write a Perfetto trace of 5 steps (or sampled batches) of the first case here",
+    )
+    parser.add_argument(
+        "--scan_layers", action="store_true", help="level 0's blocks under lax.scan (see config.py)"
     )
     parser.add_argument("--steps", type=int, default=10, help="timed steps per training case")
     parser.add_argument("--num_iter_list", type=int, nargs="+", default=[12, 8, 4, 1])
     parser.add_argument("--best_batches", type=int, nargs="*", default=list(BEST_BATCHES))
     parser.add_argument("--out", default="", help="write the rows as JSON here")
     args = parser.parse_args(argv)
-    base = Config(attn_dropout=args.dropout, proj_dropout=args.dropout)
+    base = Config(attn_dropout=args.dropout, proj_dropout=args.dropout, scan_layers=args.scan_layers)
     print(f"{jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}")
     print(HEADER)
     names = [n for n in CASES if not args.only or any(text in n for text in args.only)]

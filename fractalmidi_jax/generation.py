@@ -130,7 +130,7 @@ def canvas(args, width: int) -> tuple[np.ndarray, np.ndarray, float | None]:
 
 
 def generate(args) -> dict:
-    config, graphdef, params, path = load_model(args.checkpoint, not args.no_ema)
+    config, _, params, path = load_model(args.checkpoint, not args.no_ema)
     width = args.target_width or config.crop_length
     check_width(config, width)
     known_cells, known_mask, input_tempo = canvas(args, width)
@@ -141,7 +141,7 @@ def generate(args) -> dict:
     tempo = args.tempo or input_tempo or 120.0
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    run = sampler_lib.make_sampler(graphdef, config, num_iter)
+    run = sampler_lib.make_sampler(config, num_iter)
     batch_cells = np.repeat(known_cells[None], args.batch_size, axis=0)
     batch_known = np.repeat(known_mask[None], args.batch_size, axis=0)
     key = jax.random.key(args.seed)

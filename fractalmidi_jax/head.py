@@ -31,7 +31,6 @@ class VelocityHead(nnx.Module):
             0.0,
             self.dtype,
             rngs,
-            loop=False,
         )
         self.codebook = nnx.Param(embedding_init(rngs.params(), (NUM_VELOCITIES, width)))
         self.bias = nnx.Param(jnp.zeros((NUM_VELOCITIES,)))

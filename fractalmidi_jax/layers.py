@@ -49,15 +49,29 @@ class Attention(nnx.Module):
 
     def __call__(self, x_NxTxD, mask_TxS=None, cache=None, cache_index=None, rng=None):
         """Self-attention; with `cache` ({'k','v'}: N x S x H x K) the T new tokens are written at
-        `cache_index` and attend to the whole cache under `mask_TxS`. Returns (y, cache)."""
+        `cache_index` and attend to the whole cache under `mask_TxS`. Returns (y, cache).
+        A lone token without a cache attends to itself only (weight 1): y = its value."""
         n, t, d = x_NxTxD.shape
-        qkv = self.qkv(x_NxTxD).reshape(n, t, 3, self.num_heads, d // self.num_heads)
-        q_NxTxHxK, k_NxTxHxK, v_NxTxHxK = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        heads = self.num_heads
+        # q, k and v from slices of the weights, not of one qkv activation: the backward pass
+        # then adds three products instead of padding and summing three activation-sized
+        # gradients.
+        x_NxTxD = x_NxTxD.astype(self.qkv.dtype)
+        kernels = jnp.split(self.qkv.kernel[...].astype(self.qkv.dtype), 3, axis=1)
+        biases = jnp.split(self.qkv.bias[...].astype(self.qkv.dtype), 3)
+
+        def project(i):
+            return (x_NxTxD @ kernels[i] + biases[i]).reshape(n, t, heads, d // heads)
+
+        v_NxTxHxK = project(2)
+        if t == 1 and cache is None:
+            return self.proj(v_NxTxHxK.reshape(n, t, d)), cache
+        q_NxTxHxK, k_NxTxHxK = project(0), project(1)
         if cache is not None:
             k_NxTxHxK = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_NxTxHxK, cache_index, axis=1)
             v_NxTxHxK = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_NxTxHxK, cache_index, axis=1)
             cache = {"k": k_NxTxHxK, "v": v_NxTxHxK}
-        scale = (d // self.num_heads) ** -0.5
+        scale = (d // heads) ** -0.5
         logits_NxHxTxS = (
             jnp.einsum("nthk,nshk->nhts", q_NxTxHxK, k_NxTxHxK, preferred_element_type=jnp.float32) * scale
         )
@@ -98,16 +112,17 @@ class Block(nnx.Module):
 
 class Transformer(nnx.Module):
     """LayerNorm -> blocks -> LayerNorm. The blocks' weights are stacked on a leading layer
-    axis (a few large arrays: few optimizer kernels) and run under `lax.scan`. With `loop`,
-    the scan stays a loop (one traced block: fast compiles), which suits deep stacks of small
-    activations; without, it unrolls, which saves stacking large activations for the backward
-    pass. KV caches are stacked the same way."""
+    axis (a few large arrays: few optimizer kernels). With `scan`, the blocks run under
+    `lax.scan` (one traced block: fast compiles, but a device loop that stacks every layer's
+    activations for the backward pass); without, they are unrolled, so XLA fuses across
+    blocks and keeps no stacked copies. KV caches are stacked with `scan` and a tuple of
+    per-layer caches without."""
 
     def __init__(
-        self, dim, depth, num_heads, attn_dropout, proj_dropout, dtype, rngs, remat=False, loop=True
+        self, dim, depth, num_heads, attn_dropout, proj_dropout, dtype, rngs, remat=False, scan=False
     ):
         self.remat = remat
-        self.loop = loop
+        self.scan = scan
         self.depth = depth
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
@@ -123,7 +138,6 @@ class Transformer(nnx.Module):
 
     def __call__(self, x, mask=None, caches=None, cache_index=None, rng=None):
         graphdef, stacked = nnx.split(self.blocks)
-        keys = None if rng is None else jax.random.split(rng, self.depth)
 
         def layer(x, per_layer):
             params, cache, key = per_layer
@@ -131,11 +145,26 @@ class Transformer(nnx.Module):
 
         if self.remat:
             layer = jax.checkpoint(layer)
-        unroll = 1 if self.loop else self.depth
-        x, caches = jax.lax.scan(layer, self.norm_in(x), (stacked, caches, keys), unroll=unroll)
+        x = self.norm_in(x)
+        if self.scan:
+            keys = None if rng is None else jax.random.split(rng, self.depth)
+            x, caches = jax.lax.scan(layer, x, (stacked, caches, keys))
+        else:
+            # Split (not index) the stacked weights: the gradient of a split is one concatenate.
+            leaves, treedef = jax.tree.flatten(stacked)
+            pieces = [jnp.split(w, self.depth) for w in leaves]
+            new_caches = []
+            for i, key in enumerate(split_key(rng, self.depth)):
+                params = treedef.unflatten([w[i][0] for w in pieces])
+                x, cache = layer(x, (params, None if caches is None else caches[i], key))
+                new_caches.append(cache)
+            caches = None if caches is None else tuple(new_caches)
         return self.norm_out(x), caches
 
     def empty_caches(self, n: int, length: int, dtype):
-        """Zeroed KV caches (layers x N x S x H x K) for `n` sequences of `length` positions."""
-        shape = (self.depth, n, length, self.num_heads, self.head_dim)
-        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+        """Zeroed KV caches (N x S x H x K per layer) for `n` sequences of `length` positions."""
+        shape = (n, length, self.num_heads, self.head_dim)
+        if self.scan:
+            shape = (self.depth,) + shape
+            return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+        return tuple({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(self.depth))

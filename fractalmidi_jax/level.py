@@ -50,7 +50,7 @@ class LevelTrunk(nnx.Module):
             self.dtype,
             rngs,
             remat=config.grad_checkpoint,
-            loop=level == 0,
+            scan=config.scan_layers and level == 0,
         )
 
     def grid(self, cols: int | None = None) -> grid_lib.Grid:
@@ -77,20 +77,22 @@ class LevelTrunk(nnx.Module):
         col_NxLxD = self.col_pos[...][cols_L[None, :] + col_offset_N[:, None]]
         return (self.row_pos[...][rows_L][None] + col_NxLxD).astype(self.dtype)
 
-    def handoff(self, h_NxLxD, index_NxK, grid: grid_lib.Grid, neighbours: tuple[str, ...], num_out: int):
+    def handoff(
+        self, h_NxTxD, index_NxK, grid: grid_lib.Grid, neighbours: tuple[str, ...], num_out: int, offset=0
+    ):
         """N x K x num_out x D conditions for the selected tokens: the token's own output, then
-        the outputs of its neighbours in `neighbours` (zeros for others and at the border)."""
-        conds = [grid_lib.gather_tokens(h_NxLxD, index_NxK)]
+        the outputs of its neighbours in `neighbours` (zeros for others and at the border).
+        Token t's output is h[:, offset + t]. One gather for all of them (one scatter back)."""
         table = grid.neighbours()
+        sources = [np.arange(grid.num_tokens)]
         for name in grid_lib.NEIGHBOURS[: num_out - 1]:
-            if name not in neighbours:
-                conds.append(jnp.zeros_like(conds[0]))
-                continue
-            nbr_L = jnp.asarray(table[grid_lib.NEIGHBOURS.index(name)])
-            nbr_NxK = nbr_L[index_NxK]
-            value = grid_lib.gather_tokens(h_NxLxD, jnp.maximum(nbr_NxK, 0))
-            conds.append(jnp.where((nbr_NxK >= 0)[..., None], value, 0).astype(value.dtype))
-        return jnp.stack(conds, axis=2)
+            usable = name in neighbours
+            sources.append(table[grid_lib.NEIGHBOURS.index(name)] if usable else np.full(grid.num_tokens, -1))
+        source_NxKxO = jnp.asarray(np.stack(sources, axis=1).astype(np.int32))[index_NxK]
+        n, k, o = source_NxKxO.shape
+        flat_index = jnp.maximum(source_NxKxO, 0).reshape(n, k * o) + offset
+        conds = grid_lib.gather_tokens(h_NxTxD, flat_index).reshape(n, k, o, -1)
+        return jnp.where((source_NxKxO >= 0)[..., None], conds, 0).astype(conds.dtype)
 
 
 def time_offsets(rng, num_sequences: int, cols: int, max_cols: int):

@@ -27,7 +27,9 @@ class MARLevel(nnx.Module):
         self.mask_token = nnx.Param(embedding_init(rngs.params(), (config.embed_dim_list[level],)))
 
     def predict(self, cells_NxLxP, hidden_NxL, conds_NxCxE, col_offset_N=None, rng=None):
-        """N x L x D outputs for every token, given the visible ones."""
+        """N x (C + L) x D outputs, given the visible tokens: the C condition tokens' first, then
+        every patch token's (the hand-off gathers from it at offset C, so the backward pass
+        never pads a sliced copy)."""
         n, num_tokens, _ = cells_NxLxP.shape
         trunk = self.trunk
         cols = num_tokens // trunk.rows
@@ -35,8 +37,7 @@ class MARLevel(nnx.Module):
         tokens = jnp.where(hidden_NxL[..., None], self.mask_token[...].astype(tokens.dtype), tokens)
         tokens = tokens + trunk.positions(jnp.arange(num_tokens), cols, col_offset_N)
         x = jnp.concatenate([trunk.cond_tokens(conds_NxCxE, n), tokens], axis=1)
-        h, _ = trunk.transformer(x, rng=rng)
-        return h[:, trunk.num_conds :]
+        return trunk.transformer(x, rng=rng)[0]
 
     def train(self, cells_NxLxP, conds_NxCxE, count_N, budget, num_out, col_offset_N, order_rng, dropout_rng):
         """Returns (index_NxK, weight_NxK, conds_NxKxOxD) of the tokens handed down."""
@@ -44,8 +45,10 @@ class MARLevel(nnx.Module):
         order_NxL = masking.random_orders(order_rng, n, num_tokens)
         rank_NxL = jnp.argsort(order_NxL, axis=-1)
         hidden_NxL = rank_NxL < count_N[:, None]
-        h_NxLxD = self.predict(cells_NxLxP, hidden_NxL, conds_NxCxE, col_offset_N, dropout_rng)
+        h_NxTxD = self.predict(cells_NxLxP, hidden_NxL, conds_NxCxE, col_offset_N, dropout_rng)
         index_NxK = order_NxL[:, :budget]
         grid = self.trunk.grid(num_tokens // self.trunk.rows)
-        conds = self.trunk.handoff(h_NxLxD, index_NxK, grid, self.handoff_neighbours, num_out)
+        conds = self.trunk.handoff(
+            h_NxTxD, index_NxK, grid, self.handoff_neighbours, num_out, offset=self.trunk.num_conds
+        )
         return index_NxK, masking.budget_weights(count_N, budget), conds

@@ -23,7 +23,7 @@ from flax import nnx
 from fractalmidi_jax import grid as grid_lib
 from fractalmidi_jax import masking
 from fractalmidi_jax.config import NUM_PITCHES, Config
-from fractalmidi_jax.fractal import FractalModel, padded_width
+from fractalmidi_jax.fractal import FractalModel, build_model, padded_width
 from fractalmidi_jax.level import NUM_HANDOFF_CONDS
 
 NUM_AR_FRAMES = 16
@@ -81,8 +81,10 @@ class _Sampler:
         round_keys = jax.random.split(rng, len(counts))
 
         def one_round(cells, hidden_NxL, index_NxC, valid_C, key):
-            h_NxLxD = level.predict(cells, hidden_NxL, conds)
-            child_conds = level.trunk.handoff(h_NxLxD, index_NxC, grid, level.handoff_neighbours, num_out)
+            h_NxTxD = level.predict(cells, hidden_NxL, conds)
+            child_conds = level.trunk.handoff(
+                h_NxTxD, index_NxC, grid, level.handoff_neighbours, num_out, offset=level.trunk.num_conds
+            )
             old = grid_lib.gather_tokens(cells, index_NxC)
             new = self.children(k, child_conds, old, grid_lib.gather_tokens(known, index_NxC), key)
             new = jnp.where(valid_C[None, :, None], new, old)
@@ -179,9 +181,12 @@ def sample(
 
 
 @functools.lru_cache(maxsize=16)
-def make_sampler(graphdef, config: Config, num_iter_list: tuple[int, ...]):
+def make_sampler(config: Config, num_iter_list: tuple[int, ...]):
     """The jitted program: (params, known_cells, known_mask, rng, temperature) -> (rolls, frames).
-    One compile per (batch, width); a second call with the same shapes reuses it."""
+    One compile per (batch, width); a second call with the same shapes reuses it. Level 0's
+    blocks run under `lax.scan` whatever the training config says (same weights): its rounds
+    are unrolled, and unrolled blocks in each would compile 1.5x longer for no faster sampling."""
+    graphdef = nnx.split(nnx.eval_shape(lambda: build_model(config.replace(scan_layers=True))))[0]
 
     @jax.jit
     def run(params, known_cells_BxHxW, known_mask_BxHxW, rng, temperature):

@@ -180,8 +180,8 @@ def validate(eval_step, params, batches, mesh, seed: int, limit: int) -> float:
     return total / cells
 
 
-def log_images(writer: Writer, step: int, graphdef, config: Config, params, val_crops) -> None:
-    run = sampler_lib.make_sampler(graphdef, config, config.num_iter_list)
+def log_images(writer: Writer, step: int, config: Config, params, val_crops) -> None:
+    run = sampler_lib.make_sampler(config, config.num_iter_list)
     cells, known = sampler_lib.unconditional_inputs(NUM_IMAGE_SAMPLES, config.crop_length)
     rolls, _ = run(params, cells, known, jax.random.key(config.seed + step), jnp.float32(1.0))
     writer.image(step, "samples/generated", render.grid_image(np.asarray(rolls)))
@@ -291,7 +291,7 @@ def train(config: Config) -> Path:
                     progress.newline()
                     log(f"validation at step {opt_step}: loss {val_loss:.4f} nats per cell")
                 if due(config.log_images_every_n_steps):
-                    log_images(writer, opt_step, graphdef, config, steps.eval_params(state), val_crops)
+                    log_images(writer, opt_step, config, steps.eval_params(state), val_crops)
                 over_time = (
                     config.max_train_minutes and time.perf_counter() - started > 60 * config.max_train_minutes
                 )

@@ -321,13 +321,16 @@ def exact_cell_losses(graphdef, config, roll):
                 x = jnp.asarray(per_level[k], jnp.int32)
                 n, num_tokens = x.shape[:2]
                 if level.kind == "mar":
-                    h = level.predict(x, hidden[k].reshape(n, num_tokens), conds)
+                    h, offset = (
+                        level.predict(x, hidden[k].reshape(n, num_tokens), conds),
+                        level.trunk.num_conds,
+                    )
                 else:
-                    h = level.teacher_forced(x, conds)
+                    h, offset = level.teacher_forced(x, conds), 0
                 index = jnp.broadcast_to(jnp.arange(num_tokens), (n, num_tokens))
                 grid = level.trunk.grid(num_tokens // level.trunk.rows)
                 num_out = 1 if k == config.num_levels - 1 else 5
-                conds = level.trunk.handoff(h, index, grid, level.handoff_neighbours, num_out)
+                conds = level.trunk.handoff(h, index, grid, level.handoff_neighbours, num_out, offset)
                 conds = conds.reshape((-1,) + conds.shape[2:])
             return optax.softmax_cross_entropy_with_integer_labels(model.head.logits(conds[:, 0]), targets)
 
@@ -427,7 +430,7 @@ def test_one_model_covers_widths_up_to_max_crop_length():
     config = TINY  # max_crop_length 512
     graphdef, params = nnx.split(build_model(config))
     assert nnx.merge(graphdef, params).levels[0].trunk.col_pos.shape == (512 // 16, 32)
-    run = sampler_lib.make_sampler(graphdef, config, (1, 1, 1, 1))
+    run = sampler_lib.make_sampler(config, (1, 1, 1, 1))
     for width, train in ((128, True), (512, False)):
         loss, _ = losses_fn(graphdef, config, train)(params, random_roll(0, 1, width), keys(1))
         assert np.isfinite(loss).all() and abs(float(loss[0]) - LOG_128) < 1.0

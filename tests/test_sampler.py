@@ -30,8 +30,7 @@ def sampler_for(config):
         attn = level.trunk.transformer.blocks.attn
         attn.proj.kernel[...] = attn.proj.kernel[...] * 10
     model.head.codebook[...] = model.head.codebook[...] * 30
-    graphdef, params = nnx.split(model)
-    return sampler_lib.make_sampler(graphdef, config, NUM_ITER), params
+    return sampler_lib.make_sampler(config, NUM_ITER), nnx.split(model)[1]
 
 
 def with_head_bias(params, bias):
