@@ -451,9 +451,9 @@ GRAD_WIDTH = 64
 
 
 @functools.lru_cache
-def loss_and_grads(grad_checkpoint):
+def loss_and_grads(**changes):
     """Loss and parameter gradients of one training batch (W = 64 of a 512-step column table)."""
-    config = tiny(crop_length=GRAD_WIDTH, grad_checkpoint=grad_checkpoint)
+    config = tiny(crop_length=GRAD_WIDTH, **changes)
     graphdef, params = nnx.split(build_model(config))
     roll = random_roll(5, 4, GRAD_WIDTH, density=0.1)
     loss = lambda p: fractal_loss(nnx.merge(graphdef, p), config, roll, jax.random.key(3), True)[0]
@@ -463,19 +463,30 @@ def loss_and_grads(grad_checkpoint):
 def test_training_offsets_reach_the_whole_column_table():
     """Training crops start at a random level-0 column, so a 64-step batch trains column embeddings
     beyond its first 4 columns (the ones a wide sample uses)."""
-    _, grads = loss_and_grads(False)
+    _, grads = loss_and_grads()
     trained = np.flatnonzero(np.abs(grads["levels"][0]["trunk"]["col_pos"][...]).sum(axis=1) > 0)
     assert len(trained) > GRAD_WIDTH // 16 and trained.max() >= GRAD_WIDTH // 16, trained
 
 
 def test_grad_checkpoint_gives_the_same_loss_and_gradients():
     """Rematerialising the transformer blocks changes memory, not results."""
-    loss, grads = loss_and_grads(False)
-    loss_remat, grads_remat = loss_and_grads(True)
+    loss, grads = loss_and_grads()
+    loss_remat, grads_remat = loss_and_grads(grad_checkpoint=True)
     assert np.isfinite(loss)
     np.testing.assert_allclose(loss_remat, loss, rtol=1e-6)
     for g, g_remat in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_remat)):
         np.testing.assert_allclose(g_remat, g, rtol=1e-5, atol=1e-7)
+
+
+def test_scanned_and_unrolled_blocks_give_the_same_loss_and_gradients():
+    """`scan_layers` changes how level 0's blocks compile, not what they compute (dropout too)."""
+    deep = dict(num_blocks_list=(3, 2, 1, 1), attn_dropout=0.1, proj_dropout=0.1)
+    loss, grads = loss_and_grads(**deep)
+    loss_scan, grads_scan = loss_and_grads(scan_layers=True, **deep)
+    assert np.isfinite(loss)
+    np.testing.assert_allclose(loss_scan, loss, rtol=1e-6)
+    for g, g_scan in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_scan)):
+        np.testing.assert_allclose(g_scan, g, rtol=1e-5, atol=1e-7)
 
 
 # --- precision and size ---
