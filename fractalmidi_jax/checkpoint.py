@@ -37,8 +37,17 @@ def checkpoint_name(step: int, val_loss: float | None) -> str:
     return name if val_loss is None else f"{name}-val_loss_{val_loss:.4f}"
 
 
+# Model fields that checkpoints written before them lack, with the value those checkpoints hold.
+FIELDS_BEFORE_THEY_EXISTED = {"roll": "velocity", "border_context": False}
+
+
 def read_meta(path: Path) -> dict:
     return json.loads((Path(path) / META).read_text())
+
+
+def saved_config(meta: dict) -> dict:
+    """The config a checkpoint was trained with, completed for checkpoints older than a field."""
+    return dict(FIELDS_BEFORE_THEY_EXISTED, **meta["config"])
 
 
 def list_checkpoints(directory: Path) -> list[Path]:

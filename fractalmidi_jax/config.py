@@ -17,10 +17,12 @@ from pathlib import Path
 
 import yaml
 
+from fractalmidi_jax.roll import KINDS as ROLL_KINDS
+from fractalmidi_jax.roll import NUM_PITCHES
+
 GENERATOR_TYPES = ("mar", "ar")
 SCAN_ORDERS = ("row_major", "column_major")
 PRECISIONS = ("32", "16", "bf16")
-NUM_PITCHES = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,14 +43,18 @@ class Config:
     val_crops_per_file: int = 4  # fixed validation crops taken from each validation file
 
     # --- model ---
+    roll: str = (
+        "note"  # cell encoding: note (silence / onset of velocity v / sustain) or velocity (the original's)
+    )
     img_size_list: tuple[int, ...] = (128, 16, 4, 1)  # canvas side per level; the last level is one cell
     embed_dim_list: tuple[int, ...] = (512, 256, 128, 64)  # transformer width per level
     num_blocks_list: tuple[int, ...] = (12, 3, 2, 1)  # transformer blocks per level
     num_heads_list: tuple[int, ...] = (8, 4, 2, 2)  # attention heads per level
-    generator_types: tuple[str, ...] = ("mar", "mar", "mar", "mar")  # "mar" or "ar" per level
+    generator_types: tuple[str, ...] = ("mar", "mar", "ar", "ar")  # "mar" or "ar" per level
     scan_order: str = "row_major"  # AR order: row_major (pitch band by band) or column_major (bar by bar)
     mask_ratio_loc: float = 1.0  # MAR mask ratio ~ truncated normal(loc, scale) on [loc - 4 scale, loc]
     mask_ratio_scale: float = 0.5  # see mask_ratio_loc
+    border_context: bool = True  # each patch below level 0 also sees the cells left of its border
     token_budget: float = 0.0  # tokens passed down per sequence, as a fraction (0 = the mean mask ratio)
     attn_dropout: float = 0.1  # dropout on attention weights
     proj_dropout: float = 0.1  # dropout after attention and MLP projections
@@ -121,6 +127,8 @@ class Config:
                 errors.append(f"generator_types[{i}] is {g!r}; use one of {', '.join(GENERATOR_TYPES)}")
         if self.scan_order not in SCAN_ORDERS:
             errors.append(f"scan_order is {self.scan_order!r}; use one of {', '.join(SCAN_ORDERS)}")
+        if self.roll not in ROLL_KINDS:
+            errors.append(f"roll is {self.roll!r}; use one of {', '.join(ROLL_KINDS)}")
         if self.precision not in PRECISIONS:
             errors.append(f"precision is {self.precision!r}; use one of {', '.join(PRECISIONS)}")
         if n < 2:

@@ -27,6 +27,7 @@ import time
 import numpy as np
 
 from fractalmidi_jax import midi
+from fractalmidi_jax import roll as roll_lib
 from fractalmidi_jax.library import RollLibrary, make_lists, resolve_files
 
 # First seed word of each random stream, so that no two streams share a seed.
@@ -62,17 +63,20 @@ def num_crop_starts(num_steps: int, crop_length: int, crop_alignment: int) -> in
     return max(num_steps - crop_length, 0) // crop_alignment + 1
 
 
-def crop_roll(roll_PxT: np.ndarray, start: int, crop_length: int, shift: int = 0, out_PxL=None) -> np.ndarray:
-    """uint8 [128, L] window from `start`, moved up `shift` semitones; notes leaving 0..127 are
-    dropped (not wrapped) and steps past the end of the piece are silence."""
+def crop_roll(
+    roll_PxT: np.ndarray, start: int, crop_length: int, kind: str, shift: int = 0, out_PxL=None
+) -> np.ndarray:
+    """uint8 [128, L] model tokens of the window of a stored roll from `start`, moved up `shift`
+    semitones; notes leaving 0..127 are dropped (not wrapped) and steps past the end of the piece
+    are silence. A note cut by the window's start begins with an onset (roll.crop_tokens)."""
     if out_PxL is None:
-        out_PxL = np.zeros((midi.NUM_PITCHES, crop_length), np.uint8)
+        out_PxL = np.zeros((roll_lib.NUM_PITCHES, crop_length), np.uint8)
     else:
         out_PxL[:] = 0
     window = roll_PxT[:, start : start + crop_length]
-    low, high = max(shift, 0), min(midi.NUM_PITCHES + shift, midi.NUM_PITCHES)
+    low, high = max(shift, 0), min(roll_lib.NUM_PITCHES + shift, roll_lib.NUM_PITCHES)
     out_PxL[low:high, : window.shape[1]] = window[low - shift : high - shift]
-    return out_PxL
+    return roll_lib.crop_tokens(out_PxL, kind)
 
 
 @functools.lru_cache(maxsize=4)
@@ -121,12 +125,17 @@ class BatchStream:
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         """{'roll': uint8 [local_batch, 128, crop_length]}."""
-        roll_BxPxL = np.empty((self.local_batch, midi.NUM_PITCHES, self.spec.crop_length), np.uint8)
+        roll_BxPxL = np.empty((self.local_batch, roll_lib.NUM_PITCHES, self.spec.crop_length), np.uint8)
         first = step * self.global_batch + self.first_sample
         for b in range(self.local_batch):
             file_index, start, shift = self.sample(first + b)
             crop_roll(
-                self.library.roll(file_index), start, self.spec.crop_length, shift, out_PxL=roll_BxPxL[b]
+                self.library.roll(file_index),
+                start,
+                self.spec.crop_length,
+                self.library.kind,
+                shift,
+                out_PxL=roll_BxPxL[b],
             )
         return {"roll": roll_BxPxL}
 
@@ -187,7 +196,9 @@ def fixed_crops(
         starts = num_crop_starts(int(library.num_steps[k]), crop_length, crop_alignment)
         rng = np.random.default_rng([_EVAL_STREAM, seed, k])
         chosen = np.sort(rng.choice(starts, min(crops_per_file, starts), replace=False))
-        crops += [crop_roll(library.roll(k), int(c) * crop_alignment, crop_length) for c in chosen]
+        crops += [
+            crop_roll(library.roll(k), int(c) * crop_alignment, crop_length, library.kind) for c in chosen
+        ]
     return np.stack(crops)
 
 
@@ -220,7 +231,12 @@ def _read_options(args) -> midi.ReadOptions:
 def _check(args) -> None:
     """Parses every file (through the cache) and prints what is usable."""
     library = RollLibrary(
-        args.files, _read_options(args), args.cache_dir, cache_in_memory=False, num_workers=args.num_workers
+        args.files,
+        _read_options(args),
+        args.roll,
+        args.cache_dir,
+        cache_in_memory=False,
+        num_workers=args.num_workers,
     )
     if args.verbose:
         for k, path in enumerate(library.files):
@@ -234,12 +250,12 @@ def _check(args) -> None:
 
 
 def _roundtrip(args) -> None:
-    """How many notes survive MIDI -> roll -> MIDI (midi.roundtrip_stats)."""
-    stats = midi.roundtrip_stats(resolve_files(args.files), _read_options(args))
+    """How many notes survive MIDI -> roll -> MIDI (roll.roundtrip_stats)."""
+    stats = roll_lib.roundtrip_stats(resolve_files(args.files), args.roll, _read_options(args))
     for path, reason in stats["skipped"]:
         print(f"skipped {path}: {reason}")
     print(
-        f"files {stats['files']}, skipped {len(stats['skipped'])}; notes {stats['notes']:,}, "
+        f"{args.roll} roll: files {stats['files']}, skipped {len(stats['skipped'])}; notes {stats['notes']:,}, "
         f"exact {stats['exact']:,} ({stats['fraction']:.4%}), spurious {stats['spurious']:,}"
     )
 
@@ -249,6 +265,7 @@ def _bench(args) -> None:
     library = RollLibrary(
         args.files,
         _read_options(args),
+        args.roll,
         args.cache_dir,
         not args.no_cache_in_memory,
         num_workers=args.parse_workers,
@@ -288,6 +305,7 @@ def main(argv=None) -> None:
         command.add_argument("files", help="a file list (.txt) or a folder of MIDI files")
         command.add_argument("--include_drums", action="store_true")
         command.add_argument("--sustain_pedal", action="store_true")
+        command.add_argument("--roll", choices=roll_lib.KINDS, default="note", help="the roll encoding")
         return command
 
     cache_help = "default: $FRACTALMIDI_CACHE/rolls, else ~/.cache/fractalmidi_jax/rolls"

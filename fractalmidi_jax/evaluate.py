@@ -242,15 +242,16 @@ def nll(
     import jax
     import numpy as np
 
-    from fractalmidi_jax import data, midi, sharding, steps
+    from fractalmidi_jax import data, sharding, steps
     from fractalmidi_jax import library as rolls
+    from fractalmidi_jax import roll as roll_lib
     from fractalmidi_jax.generation import check_width, load_model
 
     config, graphdef, params, path = load_model(checkpoint, use_ema)
     width = crop_length or config.crop_length
     check_width(config, width)
     config = config.replace(crop_length=width)
-    library = rolls.RollLibrary(data_source, cache_dir=cache_dir or None)
+    library = rolls.RollLibrary(data_source, kind=config.roll, cache_dir=cache_dir or None)
     crops = data.fixed_crops(library, width, crops_per_file, seed, config.crop_alignment)
     mesh = sharding.make_mesh("all")
     global_batch = -(-batch_size // mesh.devices.size) * mesh.devices.size
@@ -269,11 +270,12 @@ def nll(
         per_draw.append(total / cells)
     nats = float(np.mean(per_draw))
     error = float(np.std(per_draw, ddof=1) / np.sqrt(draws)) if draws > 1 else float("nan")
-    num_notes = sum(len(midi.roll_to_notes(crop)) for crop in crops)
+    num_notes = sum(len(roll_lib.roll_to_notes(crop, config.roll)) for crop in crops)
     cells_per_note = crops.shape[0] * crops.shape[1] * crops.shape[2] / max(num_notes, 1)
     return {
         "checkpoint": str(path),
         "data": str(data_source),
+        "roll": config.roll,
         "crop_length": width,
         "crops": int(crops.shape[0]),
         "notes": int(num_notes),

@@ -1,5 +1,5 @@
-"""The fractal: generator levels built from the config, the velocity head, and the recursive
-training loss.
+"""The fractal: generator levels built from the config (a registry of level kinds), the cell
+head, and the recursive training loss.
 
 Loss (one static shape per run):
  1. Pad the roll's width to the level-0 patch; cut it into level-0 patches (B x L0 x P0).
@@ -8,8 +8,8 @@ Loss (one static shape per run):
     random orders. Only integers, so the exact number of cells the original would reach is
     known for the denominator.
  3. Level k runs on its N sequences and hands down K_k tokens each (masking.py), with their
-    true patches, their conditions and Horvitz-Thompson weights; the next level sees N * K_k
-    sequences.
+    true patches, their conditions, their border columns (level.py) and Horvitz-Thompson
+    weights; the next level sees N * K_k sequences.
  4. The head scores every cell that arrives; the loss is the weighted sum of cross-entropies
     over the number of cells reached: an unbiased estimate of the original's loss, the mean
     over reached cells.
@@ -22,12 +22,14 @@ from flax import nnx
 
 from fractalmidi_jax import grid as grid_lib
 from fractalmidi_jax import masking
+from fractalmidi_jax import roll as roll_lib
 from fractalmidi_jax.ar import ARLevel
 from fractalmidi_jax.config import Config
-from fractalmidi_jax.head import VelocityHead
-from fractalmidi_jax.level import NUM_HANDOFF_CONDS, time_offsets
+from fractalmidi_jax.head import CellHead
+from fractalmidi_jax.level import NUM_HANDOFF_CONDS, gather_borders, num_conds, time_offsets
 from fractalmidi_jax.mar import MARLevel
 
+# A level kind: a module with train / counts / generate (see mar.py); generator_types names them.
 LEVEL_KINDS = {"mar": MARLevel, "ar": ARLevel}
 
 
@@ -36,7 +38,7 @@ class FractalModel(nnx.Module):
         self.levels = nnx.List(
             [LEVEL_KINDS[config.generator_types[k]](config, k, rngs) for k in range(config.num_levels)]
         )
-        self.head = VelocityHead(config, rngs)
+        self.head = CellHead(config, rngs)
 
 
 def build_model(config: Config, seed: int = 0) -> FractalModel:
@@ -67,21 +69,11 @@ def budgets(config: Config, width: int) -> list[int]:
 
 
 def _draw_counts(model, config, rng, batch: int, num_tokens: list[int], train: bool):
-    """counts[k]: B x L0 x ... x L(k-1) tokens hidden (MAR) or predicted (AR) per sequence."""
-    counts = []
-    for k, (level, rng_k) in enumerate(zip(model.levels, jax.random.split(rng, len(num_tokens)))):
-        shape = (batch,) + tuple(num_tokens[:k])
-        if level.kind == "ar":
-            counts.append(jnp.full(shape, num_tokens[k], jnp.int32))
-        elif train:
-            counts.append(
-                masking.train_mask_counts(
-                    rng_k, shape, num_tokens[k], config.mask_ratio_loc, config.mask_ratio_scale
-                )
-            )
-        else:
-            counts.append(masking.eval_mask_counts(rng_k, shape, num_tokens[k]))
-    return counts
+    """counts[k]: B x L0 x ... x L(k-1) tokens hidden (MAR) or predicted (AR: all) per sequence."""
+    return [
+        level.counts(rng_k, (batch,) + tuple(num_tokens[:k]), num_tokens[k], config, train)
+        for k, (level, rng_k) in enumerate(zip(model.levels, jax.random.split(rng, len(num_tokens))))
+    ]
 
 
 def _reached(counts):
@@ -114,7 +106,7 @@ def fractal_loss(model: FractalModel, config: Config, roll_BxHxW, rng, train: bo
     weight = sample_weight
     trunk0 = model.levels[0].trunk
     col_offset = time_offsets(rng_offset if train else None, batch, full_width // sizes[1], trunk0.max_cols)
-    conds = None
+    conds = border = None
     stats = {}
     for k, (level, level_rng) in enumerate(
         zip(model.levels, jax.random.split(rng_levels, config.num_levels))
@@ -122,10 +114,12 @@ def fractal_loss(model: FractalModel, config: Config, roll_BxHxW, rng, train: bo
         order_rng, dropout_rng = jax.random.split(level_rng)
         index = tuple(slice(None) if i == 0 else slice(0, level_budgets[i - 1]) for i in range(k + 1))
         count_N = counts[k][index].reshape(-1)
-        num_out = 1 if k == config.num_levels - 1 else NUM_HANDOFF_CONDS
-        index_NxK, weight_NxK, conds = level.train(
+        last = k == config.num_levels - 1
+        num_out = 1 if last else NUM_HANDOFF_CONDS
+        index_NxK, weight_NxK, handed_down, visible_NxL = level.train(
             cells,
             conds,
+            border,
             count_N,
             level_budgets[k],
             num_out,
@@ -136,11 +130,14 @@ def fractal_loss(model: FractalModel, config: Config, roll_BxHxW, rng, train: bo
         stats[f"level_{k}/masked_fraction"] = jnp.mean(count_N) / num_tokens[k]
         stats[f"level_{k}/budget_dropped"] = jnp.mean(jnp.maximum(count_N - level_budgets[k], 0) / count_N)
         weight = (weight[:, None] * weight_NxK).reshape(-1)
+        if config.border_context and not last:
+            grid = level.trunk.grid(num_tokens[k] // level.trunk.rows)
+            border = gather_borders(level.trunk.child_borders(cells, visible_NxL, border, grid), index_NxK)
         side, child_patch = sizes[k + 1], sizes[min(k + 2, len(sizes) - 1)]
         cells = grid_lib.gather_tokens(cells, index_NxK).reshape(-1, side, side)
         in_roll = grid_lib.gather_tokens(in_roll, index_NxK).reshape(-1, side, side)
         cells, in_roll = grid_lib.patchify(cells, child_patch), grid_lib.patchify(in_roll, child_patch)
-        conds = conds.reshape((-1,) + conds.shape[2:])
+        conds = handed_down.reshape((-1,) + handed_down.shape[2:])
         col_offset = None
     target_N = cells.reshape(-1)
     logits = model.head.logits(conds[:, 0])
@@ -164,20 +161,23 @@ def train_flops_per_sample(config: Config, width: int) -> float:
     num_tokens = tokens_per_level(config, width)
     level_budgets = budgets(config, width)
     sequences, total = 1, 0.0
+    channels = roll_lib.num_channels(config.roll)
     for k in range(config.num_levels):
         dim, depth = config.embed_dim_list[k], config.num_blocks_list[k]
-        num_conds = 1 if k == 0 else NUM_HANDOFF_CONDS
-        length = num_tokens[k] + num_conds - (1 if config.generator_types[k] == "ar" else 0)
+        conds = num_conds(config, k)
+        length = num_tokens[k] + conds - (1 if config.generator_types[k] == "ar" else 0)
         per_sequence = depth * (24 * length * dim * dim + 4 * length * length * dim)
-        per_sequence += 2 * length * dim * (config.img_size_list[k + 1] ** 2)
+        per_sequence += 2 * length * dim * channels * (config.img_size_list[k + 1] ** 2)
         if k > 0:
-            per_sequence += 2 * num_conds * config.embed_dim_list[k - 1] * dim
+            per_sequence += 2 * NUM_HANDOFF_CONDS * config.embed_dim_list[k - 1] * dim
+            if config.border_context:
+                per_sequence += 2 * config.img_size_list[k] * (channels + 1) * dim
         total += sequences * per_sequence
         sequences *= level_budgets[k]
     head_dim = config.embed_dim_list[-1]
     per_cell = (
         2 * config.embed_dim_list[-2] * head_dim + config.num_blocks_list[-1] * 24 * head_dim * head_dim
     )
-    per_cell += 2 * head_dim * 128
+    per_cell += 2 * head_dim * roll_lib.num_classes(config.roll)
     total += sequences * per_cell
     return 3.0 * total

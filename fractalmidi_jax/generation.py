@@ -6,8 +6,14 @@ Modes:
 - continuation: the first `prompt_steps` steps of `prompt_midi` are known and held fixed;
   the model writes the rest, conditioned on them.
 - inpainting: the first `target_width` steps of `input_midi` are known except the region
-  [mask_start, mask_end) x [mask_pitch_low, mask_pitch_high], which is regenerated; everything
-  outside it comes back cell for cell.
+  [mask_start, mask_end) x [mask_pitch_low, mask_pitch_high], which is regenerated.
+
+Notes at the region's border (rule): a note of the input that lies partly inside the region
+and partly outside is kept whole, as context; only notes wholly inside are regenerated. So
+every note that is not wholly inside the region comes back note for note (onset, pitch,
+velocity, length): its cells are copied, and decoding starts a new note wherever known and
+generated cells meet (`roll.roll_to_notes(..., starts=...)`), so a generated cell never
+lengthens or joins a known note.
 """
 
 import argparse
@@ -22,8 +28,9 @@ import numpy as np
 from flax import nnx
 
 from fractalmidi_jax import checkpoint as ckpt
+from fractalmidi_jax import data, midi, render, sharding, steps
 from fractalmidi_jax import grid as grid_lib
-from fractalmidi_jax import midi, render, sharding, steps
+from fractalmidi_jax import roll as roll_lib
 from fractalmidi_jax import sampler as sampler_lib
 from fractalmidi_jax.config import NUM_PITCHES, Config, ConfigError, from_dict
 from fractalmidi_jax.fractal import build_model
@@ -40,7 +47,7 @@ def load_model(checkpoint: str, use_ema: bool = True):
     path = ckpt.resolve(checkpoint)
     meta = ckpt.read_meta(path)
     try:
-        config = from_dict(meta["config"]).validate()
+        config = from_dict(ckpt.saved_config(meta)).validate()
     except (ConfigError, KeyError) as error:
         raise ckpt.CheckpointError(f"checkpoint {path} has an unreadable config: {error}") from None
     state = ckpt.restore(path, steps.restore_target(config, sharding.make_mesh("1")))
@@ -82,58 +89,74 @@ def check_ar_prefix(config: Config, known_mask_PxW: np.ndarray) -> None:
         )
 
 
-def read_roll(path: str) -> tuple[np.ndarray, float]:
+def read_roll(path: str, kind: str) -> tuple[np.ndarray, float]:
+    """(stored roll, first tempo) of a MIDI file."""
     try:
-        score = midi.read_score(path)
+        stored, score = roll_lib.read_roll(path, kind)
     except midi.MidiError as error:
         raise GenerationError(f"cannot read {path}: {error}") from None
-    return midi.score_to_roll(score), score.tempo_bpm
+    return stored, score.tempo_bpm
 
 
-def canvas(args, width: int) -> tuple[np.ndarray, np.ndarray, float | None]:
-    """(known cells, known mask) for one sample (128 x width), and the input's tempo."""
+def keep_border_notes_whole(tokens_PxW: np.ndarray, region_PxW: np.ndarray, kind: str) -> np.ndarray:
+    """The region to regenerate, less the cells of every note that lies partly outside it."""
+    notes = roll_lib.roll_to_notes(tokens_PxW, kind)
+    onset, end, pitch, _ = notes.T.astype(np.int64)
+    inside_before = np.zeros((region_PxW.shape[0], region_PxW.shape[1] + 1), np.int64)
+    inside_before[:, 1:] = np.cumsum(region_PxW, axis=1)
+    inside = inside_before[pitch, end] - inside_before[pitch, onset]
+    crossing = (inside > 0) & (inside < end - onset)
+    length = (end - onset)[crossing]
+    steps = np.repeat(onset[crossing] - np.cumsum(length) + length, length) + np.arange(length.sum())
+    region = region_PxW.copy()
+    region[np.repeat(pitch[crossing], length), steps] = False
+    return region
+
+
+def canvas(args, width: int, kind: str) -> tuple[np.ndarray, np.ndarray, float | None]:
+    """(known cells, known mask) for one sample (128 x width, model tokens), and the input's tempo."""
     cells, known = np.zeros((NUM_PITCHES, width), np.uint8), np.zeros((NUM_PITCHES, width), bool)
     if args.mode == "unconditional":
         return cells, known, None
+    region = np.ones((NUM_PITCHES, width), bool)
     if args.mode == "continuation":
         if not args.prompt_midi or args.prompt_steps is None:
             raise GenerationError("continuation needs --prompt_midi FILE and --prompt_steps N")
-        roll, tempo = read_roll(args.prompt_midi)
+        stored, tempo = read_roll(args.prompt_midi, kind)
         if not 0 < args.prompt_steps < width:
             raise GenerationError(f"--prompt_steps {args.prompt_steps} must be between 1 and {width - 1}")
-        if args.prompt_steps > roll.shape[1]:
+        if args.prompt_steps > stored.shape[1]:
             raise GenerationError(
-                f"--prompt_steps {args.prompt_steps} is longer than {args.prompt_midi} ({roll.shape[1]} steps)"
+                f"--prompt_steps {args.prompt_steps} is longer than {args.prompt_midi} ({stored.shape[1]} steps)"
             )
-        cells[:, : args.prompt_steps] = roll[:, : args.prompt_steps]
-        known[:, : args.prompt_steps] = True
-        return cells, known, tempo
-    if not args.input_midi or args.mask_start is None or args.mask_end is None:
-        raise GenerationError("inpainting needs --input_midi FILE, --mask_start S and --mask_end E")
-    roll, tempo = read_roll(args.input_midi)
-    length = min(roll.shape[1], width)
-    low, high = args.mask_pitch_low, args.mask_pitch_high
-    if not 0 <= args.mask_start < args.mask_end <= length:
-        raise GenerationError(
-            f"mask [{args.mask_start}, {args.mask_end}) is outside the input: it must lie within "
-            f"[0, {length}) steps ({args.input_midi} has {roll.shape[1]} steps; the canvas is {width})"
-        )
-    if not 0 <= low <= high < NUM_PITCHES:
-        raise GenerationError(
-            f"--mask_pitch_low {low} / --mask_pitch_high {high} must satisfy 0 <= low <= high <= 127"
-        )
-    cells[:, :length] = roll[:, :length]
-    known[:, :] = True
-    known[low : high + 1, args.mask_start : args.mask_end] = False
-    cells[~known] = 0
-    return cells, known, tempo
+        region[:, : args.prompt_steps] = False
+    else:
+        if not args.input_midi or args.mask_start is None or args.mask_end is None:
+            raise GenerationError("inpainting needs --input_midi FILE, --mask_start S and --mask_end E")
+        stored, tempo = read_roll(args.input_midi, kind)
+        length = min(stored.shape[1], width)
+        low, high = args.mask_pitch_low, args.mask_pitch_high
+        if not 0 <= args.mask_start < args.mask_end <= length:
+            raise GenerationError(
+                f"mask [{args.mask_start}, {args.mask_end}) is outside the input: it must lie within "
+                f"[0, {length}) steps ({args.input_midi} has {stored.shape[1]} steps; the canvas is {width})"
+            )
+        if not 0 <= low <= high < NUM_PITCHES:
+            raise GenerationError(
+                f"--mask_pitch_low {low} / --mask_pitch_high {high} must satisfy 0 <= low <= high <= 127"
+            )
+        region[:] = False
+        region[low : high + 1, args.mask_start : args.mask_end] = True
+    tokens = data.crop_roll(stored, 0, width, kind)
+    known = ~keep_border_notes_whole(tokens, region, kind)
+    return np.where(known, tokens, 0).astype(np.uint8), known, tempo
 
 
 def generate(args) -> dict:
     config, _, params, path = load_model(args.checkpoint, not args.no_ema)
     width = args.target_width or config.crop_length
     check_width(config, width)
-    known_cells, known_mask, input_tempo = canvas(args, width)
+    known_cells, known_mask, input_tempo = canvas(args, width, config.roll)
     check_ar_prefix(config, known_mask)
     num_iter = tuple(args.num_iter_list or config.num_iter_list)
     if len(num_iter) != len(config.img_size_list):
@@ -163,9 +186,12 @@ def generate(args) -> dict:
         for b in range(args.batch_size):
             index = batch_index * args.batch_size + b
             if index < args.num_samples:
-                samples.append(_write_sample(args, out, index, rolls[b], frames[:, b], tempo))
+                samples.append(
+                    _write_sample(args, config.roll, out, index, rolls[b], frames[:, b], known_mask, tempo)
+                )
     report = {
         "checkpoint": str(path),
+        "roll": config.roll,
         "mode": args.mode,
         "seed": args.seed,
         "num_samples": args.num_samples,
@@ -184,16 +210,29 @@ def generate(args) -> dict:
     return report
 
 
-def _write_sample(args, out: Path, index: int, roll: np.ndarray, frames: np.ndarray, tempo: float) -> dict:
+def _write_sample(
+    args,
+    kind: str,
+    out: Path,
+    index: int,
+    roll: np.ndarray,
+    frames: np.ndarray,
+    known: np.ndarray,
+    tempo: float,
+) -> dict:
     stem = out / f"sample_{index:03d}"
-    notes = midi.roll_to_notes(roll, args.min_velocity, args.min_note_steps, args.velocity_tolerance)
+    meets = np.zeros_like(known)
+    meets[:, 1:] = known[:, 1:] != known[:, :-1]
+    notes = roll_lib.roll_to_notes(
+        roll, kind, args.min_velocity, args.min_note_steps, args.velocity_tolerance, starts=meets
+    )
     midi.write_midi(stem.with_suffix(".mid"), notes, tempo_bpm=tempo)
     files = [stem.with_suffix(".mid").name]
     if args.save_png:
-        render.save_png(stem.with_suffix(".png"), roll)
+        render.save_png(stem.with_suffix(".png"), roll_lib.velocity_cells(roll, kind))
         files.append(stem.with_suffix(".png").name)
     if args.save_gif:
-        render.save_gif(stem.with_suffix(".gif"), frames)
+        render.save_gif(stem.with_suffix(".gif"), [roll_lib.velocity_cells(f, kind) for f in frames])
         files.append(stem.with_suffix(".gif").name)
     if args.save_wav:
         render.save_wav(stem.with_suffix(".wav"), stem.with_suffix(".mid"), args.soundfont)

@@ -59,3 +59,9 @@ def gather_tokens(x_NxLx___, index_NxK):
     """x[n, index[n, k]] for every n, k."""
     index = index_NxK.reshape(index_NxK.shape + (1,) * (x_NxLx___.ndim - 2))
     return jnp.take_along_axis(x_NxLx___, index, axis=1)
+
+
+def put_tokens(x_NxLx___, index_NxK, values_NxKx___):
+    """x with x[n, index[n, k]] = values[n, k]."""
+    n = x_NxLx___.shape[0]
+    return x_NxLx___.at[jnp.arange(n)[:, None], index_NxK].set(values_NxKx___)

@@ -7,7 +7,8 @@ Letters in names: P = 128 pitches, T = steps of a whole piece, N = rows.
    hash of each relative path, so adding files never moves the files already assigned.
 2. Library. `RollLibrary` parses each file once with `midi.read_score` in a worker process (a
    crash or hang costs that file only) and caches the roll's constant-velocity runs as a small
-   .npz named by sha256(file bytes, PIPELINE_VERSION, ReadOptions). Unusable files are skipped
+   .npz named by sha256(file bytes, PIPELINE_VERSION, ReadOptions, roll kind); a record names the
+   roll kind it holds and a record of another kind is never used. Unusable files are skipped
    with a logged reason, never replaced by silence. Rolls live in RAM, or are rebuilt from the
    disk cache on each access.
 """
@@ -27,13 +28,14 @@ from pathlib import Path
 import numpy as np
 
 from fractalmidi_jax import midi
+from fractalmidi_jax import roll as roll_lib
 from fractalmidi_jax.config import cache_root
 
 log = logging.getLogger(__name__)
 
 MIDI_SUFFIXES = (".mid", ".midi")
 SPLITS = ("train", "valid", "test")
-CACHE_FORMAT = 1  # bump when the .npz layout written by _parse_file changes
+CACHE_FORMAT = 2  # bump when the .npz layout written by _parse_file changes
 
 
 # --- file lists ---
@@ -84,9 +86,9 @@ def default_cache_dir() -> Path:
     return cache_root() / "rolls"
 
 
-def cache_key(path, options: midi.ReadOptions) -> str:
+def cache_key(path, options: midi.ReadOptions, kind: str) -> str:
     """sha256 of the file's bytes and of everything that shapes its roll: editing the file,
-    bumping midi.PIPELINE_VERSION or changing an option makes a new key."""
+    bumping midi.PIPELINE_VERSION, changing an option or the roll kind makes a new key."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -95,13 +97,14 @@ def cache_key(path, options: midi.ReadOptions) -> str:
         "format": CACHE_FORMAT,
         "pipeline": midi.PIPELINE_VERSION,
         "options": dataclasses.asdict(options),
+        "roll": kind,
     }
     digest.update(json.dumps(settings, sort_keys=True).encode())
     return digest.hexdigest()
 
 
 def roll_to_segments(roll_PxT: np.ndarray) -> np.ndarray:
-    """int32 [N, 4] rows (pitch, start, length, velocity): the maximal runs of one non-zero velocity."""
+    """int32 [N, 4] rows (pitch, start, length, value): the maximal runs of one non-zero cell value."""
     num_pitches, num_steps = roll_PxT.shape
     padded = np.zeros((num_pitches, num_steps + 2), np.int16)
     padded[:, 1:-1] = roll_PxT
@@ -116,7 +119,7 @@ def roll_to_segments(roll_PxT: np.ndarray) -> np.ndarray:
 
 def segments_to_roll(segments_Nx4: np.ndarray, num_steps: int) -> np.ndarray:
     """The inverse of roll_to_segments: uint8 [128, num_steps]."""
-    roll_PxT = np.zeros((midi.NUM_PITCHES, num_steps), np.uint8)
+    roll_PxT = np.zeros((roll_lib.NUM_PITCHES, num_steps), np.uint8)
     pitch, start, length, velocity = segments_Nx4.astype(np.int64).T
     run_first_cell = np.cumsum(length) - length
     steps = np.repeat(start - run_first_cell, length) + np.arange(length.sum())
@@ -124,13 +127,14 @@ def segments_to_roll(segments_Nx4: np.ndarray, num_steps: int) -> np.ndarray:
     return roll_PxT
 
 
-def _parse_file(path: str, options: midi.ReadOptions) -> dict:
+def _parse_file(path: str, options: midi.ReadOptions, kind: str) -> dict:
     """Worker side: the cache record of one file; raises midi.MidiError when it is unusable."""
-    score = midi.read_score(path, options)
+    roll_PxT, score = roll_lib.read_roll(path, kind, options)
     if len(score.notes) == 0:  # read_score refuses these already; an empty roll must never pass
         raise midi.MidiError("no notes")
     return {
-        "segments": roll_to_segments(midi.score_to_roll(score)),
+        "roll": np.str_(kind),
+        "segments": roll_to_segments(roll_PxT),
         "num_steps": np.int64(score.num_steps),
         "num_notes": np.int64(len(score.notes)),
         "seconds": np.float64(score.seconds),
@@ -138,9 +142,13 @@ def _parse_file(path: str, options: midi.ReadOptions) -> dict:
     }
 
 
-def _read_record(cache_path: Path) -> dict:
+def _read_record(cache_path: Path, kind: str) -> dict:
+    """A cache record of roll `kind`; KeyError if the file holds another kind (never used)."""
     with np.load(cache_path) as z:
-        return {name: z[name] for name in z.files}
+        record = {name: z[name] for name in z.files}
+    if str(record.get("roll", "")) != kind:
+        raise KeyError(f"{cache_path} holds a {record.get('roll')} roll, not a {kind} roll")
+    return record
 
 
 def _write_record(cache_path: Path, record: dict) -> None:
@@ -261,7 +269,8 @@ def _map_isolated(fn, arg_tuples, num_workers: int, timeout_s: float):
 
 
 class RollLibrary:
-    """The usable files of a list, each a uint8 [128, T] roll, parsed once and cached on disk.
+    """The usable files of a list, each a stored uint8 [128, T] roll of one kind (roll.py),
+    parsed once and cached on disk.
 
     Raises ValueError when no file is usable, so a bad data path fails before anything compiles.
     """
@@ -270,6 +279,7 @@ class RollLibrary:
         self,
         source,
         options: midi.ReadOptions = midi.ReadOptions(),
+        kind: str = "note",
         cache_dir=None,
         cache_in_memory: bool = True,
         num_workers: int = 2,
@@ -281,6 +291,7 @@ class RollLibrary:
         from_spec = isinstance(source, (str, os.PathLike))
         listed = resolve_files(source) if from_spec else [Path(p) for p in source]
         self.options = options
+        self.kind = roll_lib.check_kind(kind)
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         cache_paths, facts, rolls, reasons, misses = {}, {}, {}, {}, []
@@ -298,16 +309,16 @@ class RollLibrary:
 
         for index, path in enumerate(listed):
             try:
-                cache_paths[index] = self.cache_dir / f"{cache_key(path, options)}.npz"
+                cache_paths[index] = self.cache_dir / f"{cache_key(path, options, kind)}.npz"
             except OSError as e:
                 skip(index, f"cannot read file: {e.strerror or e}")
                 continue
             try:
-                keep(index, _read_record(cache_paths[index]))
+                keep(index, _read_record(cache_paths[index], kind))
             except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile):
                 misses.append(index)
         self.num_from_cache = len(facts)
-        args = [(str(listed[index]), options) for index in misses]
+        args = [(str(listed[index]), options, kind) for index in misses]
         if num_workers > 0:
             results = _map_isolated(_parse_file, args, num_workers, file_timeout_s)
         else:
@@ -340,10 +351,10 @@ class RollLibrary:
         return len(self.files)
 
     def roll(self, k: int) -> np.ndarray:
-        """uint8 [128, T] of file k."""
+        """The stored uint8 [128, T] roll of file k (crops become tokens through data.crop_roll)."""
         if self._rolls is not None:
             return self._rolls[k]
-        record = _read_record(self._cache_paths[k])
+        record = _read_record(self._cache_paths[k], self.kind)
         return segments_to_roll(record["segments"], int(record["num_steps"]))
 
     def skip_counts(self) -> collections.Counter:

@@ -3,14 +3,20 @@ tokens replaced by a learned mask token.
 
 Training (`train`): draw a random order; the first `count` tokens of it are hidden; the level
 runs once; the first K tokens of the order (the budget) hand their conditions down with their
-true patches, weighted as `masking.budget_weights` says.
-Sampling (`predict`): the sampler calls it once per round with the canvas and the tokens
-still hidden; see sampler.py.
+true patches, weighted as `masking.budget_weights` says. Visible tokens are what the children's
+border columns may show.
+Sampling (`generate`): a random order of the tokens; round r predicts every token from the
+visible ones and generates the next `cosine_schedule[r]` tokens of the order with the level
+below, then writes them into the canvas. Counts are static, so level 0's rounds unroll in
+Python (a frame per round for the GIF); lower levels run one traced round under `lax.scan`.
 """
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from fractalmidi_jax import grid as grid_lib
 from fractalmidi_jax import masking
 from fractalmidi_jax.config import Config
 from fractalmidi_jax.grid import NEIGHBOURS
@@ -19,14 +25,13 @@ from fractalmidi_jax.level import LevelTrunk
 
 
 class MARLevel(nnx.Module):
-    kind = "mar"
     handoff_neighbours = NEIGHBOURS
 
     def __init__(self, config: Config, level: int, rngs: nnx.Rngs):
         self.trunk = LevelTrunk(config, level, rngs)
         self.mask_token = nnx.Param(embedding_init(rngs.params(), (config.embed_dim_list[level],)))
 
-    def predict(self, cells_NxLxP, hidden_NxL, conds_NxCxE, col_offset_N=None, rng=None):
+    def predict(self, cells_NxLxP, hidden_NxL, conds_NxCxE, border=None, col_offset_N=None, rng=None):
         """N x (C + L) x D outputs, given the visible tokens: the C condition tokens' first, then
         every patch token's (the hand-off gathers from it at offset C, so the backward pass
         never pads a sliced copy)."""
@@ -36,19 +41,81 @@ class MARLevel(nnx.Module):
         tokens = trunk.embed_patches(cells_NxLxP)
         tokens = jnp.where(hidden_NxL[..., None], self.mask_token[...].astype(tokens.dtype), tokens)
         tokens = tokens + trunk.positions(jnp.arange(num_tokens), cols, col_offset_N)
-        x = jnp.concatenate([trunk.cond_tokens(conds_NxCxE, n), tokens], axis=1)
+        x = jnp.concatenate([trunk.cond_tokens(conds_NxCxE, n, border), tokens], axis=1)
         return trunk.transformer(x, rng=rng)[0]
 
-    def train(self, cells_NxLxP, conds_NxCxE, count_N, budget, num_out, col_offset_N, order_rng, dropout_rng):
-        """Returns (index_NxK, weight_NxK, conds_NxKxOxD) of the tokens handed down."""
+    def counts(self, rng, shape, num_tokens: int, config: Config, train: bool):
+        """Hidden tokens per sequence: the training ratios, or the NLL estimator's uniform counts."""
+        if train:
+            return masking.train_mask_counts(
+                rng, shape, num_tokens, config.mask_ratio_loc, config.mask_ratio_scale
+            )
+        return masking.eval_mask_counts(rng, shape, num_tokens)
+
+    def train(
+        self, cells_NxLxP, conds_NxCxE, border, count_N, budget, num_out, col_offset_N, order_rng, dropout_rng
+    ):
+        """Returns (index_NxK, weight_NxK, conds_NxKxOxD) of the tokens handed down and
+        visible_NxL, the tokens their children may see."""
         n, num_tokens, _ = cells_NxLxP.shape
         order_NxL = masking.random_orders(order_rng, n, num_tokens)
         rank_NxL = jnp.argsort(order_NxL, axis=-1)
         hidden_NxL = rank_NxL < count_N[:, None]
-        h_NxTxD = self.predict(cells_NxLxP, hidden_NxL, conds_NxCxE, col_offset_N, dropout_rng)
+        h_NxTxD = self.predict(cells_NxLxP, hidden_NxL, conds_NxCxE, border, col_offset_N, dropout_rng)
         index_NxK = order_NxL[:, :budget]
         grid = self.trunk.grid(num_tokens // self.trunk.rows)
         conds = self.trunk.handoff(
             h_NxTxD, index_NxK, grid, self.handoff_neighbours, num_out, offset=self.trunk.num_conds
         )
-        return index_NxK, masking.budget_weights(count_N, budget), conds
+        return index_NxK, masking.budget_weights(count_N, budget), conds, ~hidden_NxL
+
+    def generate(self, sampler, k, grid, conds, cells, known, border, num_out, rng, col_offset_N=None):
+        """Fills the hidden tokens of `cells` (N x L x P) round by round; `sampler.children`
+        draws each round's patches with the level below."""
+        n, num_tokens, _ = cells.shape
+        trunk = self.trunk
+        order_rng, rng = jax.random.split(rng)
+        order_NxL = masking.random_orders(order_rng, n, num_tokens)
+        hidden_NxL = ~jnp.all(known, axis=-1)
+        counts = masking.cosine_schedule(num_tokens, sampler.num_iter_list[k])
+        round_keys = jax.random.split(rng, len(counts))
+
+        def one_round(cells, hidden_NxL, index_NxC, valid_C, key):
+            h_NxTxD = self.predict(cells, hidden_NxL, conds, border, col_offset_N)
+            child_conds = trunk.handoff(
+                h_NxTxD, index_NxC, grid, self.handoff_neighbours, num_out, offset=trunk.num_conds
+            )
+            borders = sampler.child_borders(k, cells, ~hidden_NxL, border, grid, index_NxC)
+            old = grid_lib.gather_tokens(cells, index_NxC)
+            new = sampler.children(
+                k, child_conds, old, grid_lib.gather_tokens(known, index_NxC), borders, key
+            )
+            new = jnp.where(valid_C[None, :, None], new, old)
+            shown = grid_lib.gather_tokens(hidden_NxL, index_NxC) & ~valid_C[None, :]
+            return grid_lib.put_tokens(cells, index_NxC, new), grid_lib.put_tokens(
+                hidden_NxL, index_NxC, shown
+            )
+
+        if k == 0:  # unrolled: exact round sizes, and a frame per round for the GIF
+            start = 0
+            for count, key in zip(counts, round_keys):
+                index = order_NxL[:, start : start + count]
+                cells, hidden_NxL = one_round(cells, hidden_NxL, index, jnp.ones((count,), bool), key)
+                sampler.frames.append(grid_lib.unpatchify(cells, grid.rows, grid.cols, grid.patch))
+                start += count
+            return cells
+
+        # lower levels: one traced round under lax.scan; each round takes `widest` slots of the
+        # order and fills the first `count` of them (the rest write back what is there)
+        widest = max(counts)
+        padded_order = jnp.concatenate([order_NxL, order_NxL[:, :widest]], axis=1)
+        starts = np.cumsum((0,) + counts[:-1]).astype(np.int32)
+
+        def scan_round(carry, round_inputs):
+            start, count, key = round_inputs
+            index = jax.lax.dynamic_slice_in_dim(padded_order, start, widest, axis=1)
+            return one_round(*carry, index, jnp.arange(widest) < count, key), None
+
+        rounds = (jnp.asarray(starts), jnp.asarray(counts, jnp.int32), round_keys)
+        (cells, _), _ = jax.lax.scan(scan_round, (cells, hidden_NxL), rounds)
+        return cells

@@ -1,4 +1,4 @@
-"""Standard MIDI Files <-> piano rolls on a sixteenth-note grid.
+"""Standard MIDI Files <-> notes on a sixteenth-note grid.
 
 Reading (`read_score`) uses a small parser of our own (pure Python + numpy) so that a
 bad file can only ever raise `MidiError` with a one-line reason: the size is checked
@@ -31,16 +31,7 @@ pedalled notes would otherwise blur into long overlapping notes on the roll. Wit
 `sustain_pedal=True`, a note released while the pedal is down sounds on until the
 pedal lifts, or until the same key is struck again on that channel, whichever first.
 
-Roll encoding (`notes_to_roll`, `roll_to_notes`): cell [pitch, step] holds the
-velocity sounding there (0 = silence). Where notes of one pitch overlap, a later onset
-ends the earlier note (at one onset, the loudest note wins), so no note's velocity is
-painted over another's. Onsets survive: a note that runs into the next onset of its
-pitch is shortened by one step, leaving a one-step gap, unless it is a single step
-long. Decoding starts a note wherever a cell sounds after silence or with another
-velocity than the cell before it (beyond `velocity_tolerance`, default 0), and gives it
-the velocity of its first cell. So a repeated note comes back as two notes, also a
-repeated sixteenth whose velocity differs; two back-to-back one-step notes of one
-velocity merge (0.5% of POP909's notes, all repeated sixteenths).
+The roll these notes become (two encodings, encode and decode) lives in roll.py.
 """
 
 from __future__ import annotations
@@ -48,15 +39,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import stat
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 
-NUM_PITCHES = 128
 STEPS_PER_QUARTER = 4  # one step = one sixteenth note
-PIPELINE_VERSION = 2  # bump whenever read_score/score_to_roll output can change
+PIPELINE_VERSION = 2  # bump whenever read_score's output can change
 
 _DRUM_CHANNEL = 9
 _DEFAULT_TEMPO_US = 500_000  # 120 bpm, the SMF default before any tempo meta
@@ -328,71 +316,6 @@ def _seconds(tempos: list[tuple[int, int]], last_tick: int, resolution: int) -> 
     return microticks / (1e6 * resolution)
 
 
-def score_to_roll(score: Score) -> np.ndarray:
-    """The Score's notes as a uint8 [128, num_steps] velocity roll."""
-    return notes_to_roll(score.notes, score.num_steps)
-
-
-def notes_to_roll(notes, num_steps: int) -> np.ndarray:
-    """int [N, 4] (onset, end, pitch, velocity) rows -> uint8 [128, num_steps] roll.
-
-    Ends are cut at num_steps; rows with onset >= num_steps, end <= onset, a pitch
-    outside 0..127 or velocity <= 0 are left out. See the module docstring for how
-    overlaps and onsets are encoded."""
-    notes = np.asarray(notes, dtype=np.int64).reshape(-1, 4)
-    onset, pitch, velocity = notes[:, 0], notes[:, 2], np.minimum(notes[:, 3], 127)
-    end = np.minimum(notes[:, 1], num_steps)
-    keep = (onset >= 0) & (end > onset) & (pitch >= 0) & (pitch < NUM_PITCHES) & (velocity > 0)
-    onset, end, pitch, velocity = onset[keep], end[keep], pitch[keep], velocity[keep]
-
-    order = np.lexsort((-velocity, onset, pitch))  # by pitch, then onset, loudest first
-    onset, end, pitch, velocity = onset[order], end[order], pitch[order], velocity[order]
-    first = np.ones(len(onset), bool)
-    first[1:] = (pitch[1:] != pitch[:-1]) | (onset[1:] != onset[:-1])
-    if len(onset):
-        end = np.maximum.reduceat(end, np.flatnonzero(first))  # one note per onset: loudest, longest
-    onset, pitch, velocity = onset[first], pitch[first], velocity[first]
-    next_onset = np.full(len(onset), np.iinfo(np.int64).max)
-    same_pitch = pitch[1:] == pitch[:-1]
-    next_onset[:-1][same_pitch] = onset[1:][same_pitch]
-    end = np.minimum(end, next_onset)
-    end -= (end == next_onset) & (end - onset >= 2)  # the one-step gap before a repeated onset
-
-    roll = np.zeros((NUM_PITCHES, num_steps), np.uint8)
-    length = end - onset
-    run_start = np.repeat(np.cumsum(length) - length, length)
-    steps = np.repeat(onset, length) + np.arange(int(length.sum())) - run_start
-    roll[np.repeat(pitch, length), steps] = np.repeat(velocity, length)
-    return roll
-
-
-def roll_to_notes(
-    roll, min_velocity: int = 1, min_note_steps: int = 1, velocity_tolerance: int = 0
-) -> np.ndarray:
-    """Velocity roll [pitches, steps] -> int32 [N, 4] (onset, end, pitch, velocity), sorted.
-
-    A note starts where a cell sounds after silence or differs from the cell before it by
-    more than velocity_tolerance; it takes its first cell's velocity. Notes quieter than
-    min_velocity or shorter than min_note_steps are dropped."""
-    cells = np.asarray(roll).astype(np.int16)
-    before = np.zeros_like(cells)
-    before[:, 1:] = cells[:, :-1]
-    sounding = cells > 0
-    starts = sounding & ((before == 0) | (np.abs(cells - before) > velocity_tolerance))
-    after_sounds = np.zeros_like(sounding)
-    after_sounds[:, :-1] = sounding[:, 1:]
-    after_starts = np.zeros_like(starts)
-    after_starts[:, :-1] = starts[:, 1:]
-    lasts = sounding & (~after_sounds | after_starts)
-    pitch, onset = np.nonzero(starts)
-    _, last = np.nonzero(lasts)  # row-major order pairs each note's first cell with its last
-    velocity = cells[pitch, onset].astype(np.int64)
-    end = last + 1
-    keep = (velocity >= min_velocity) & (end - onset >= min_note_steps)
-    notes = np.stack([onset, end, pitch, velocity], axis=1)[keep]
-    return notes[np.lexsort((notes[:, 2], notes[:, 0]))].astype(np.int32)
-
-
 def write_midi(path, notes, tempo_bpm: float = 120.0, program: int = 0) -> None:
     """Write (onset, end, pitch, velocity) rows as one piano track; one step = a sixteenth at tempo_bpm."""
     import pretty_midi  # imported here: reading never needs it
@@ -408,37 +331,3 @@ def write_midi(path, notes, tempo_bpm: float = 120.0, program: int = 0) -> None:
         )
     midi.instruments.append(instrument)
     midi.write(str(path))
-
-
-def roundtrip_stats(paths, options: ReadOptions = ReadOptions()) -> dict:
-    """How many notes survive MIDI -> roll -> MIDI with (onset step, pitch, velocity) intact.
-
-    The reference is each file's Score (quantised, tracks merged: the notes as the roll
-    sees them). Returns files, notes, exact, fraction (exact / notes), spurious (notes
-    after the round trip that were not there before) and skipped [(path, reason)]."""
-    files = total = exact = spurious = 0
-    skipped = []
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "roundtrip.mid"
-        for path in paths:
-            try:
-                before = read_score(path, options)
-            except MidiError as err:
-                skipped.append((str(path), str(err)))
-                continue
-            write_midi(out, roll_to_notes(score_to_roll(before)), before.tempo_bpm)
-            after = read_score(out, options)
-            want = set(map(tuple, before.notes[:, [0, 2, 3]].tolist()))
-            got = set(map(tuple, after.notes[:, [0, 2, 3]].tolist()))
-            files += 1
-            total += len(want)
-            exact += len(want & got)
-            spurious += len(got - want)
-    return {
-        "files": files,
-        "notes": total,
-        "exact": exact,
-        "fraction": exact / total if total else float("nan"),
-        "spurious": spurious,
-        "skipped": skipped,
-    }

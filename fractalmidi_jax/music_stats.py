@@ -60,10 +60,11 @@ from pathlib import Path
 import numpy as np
 
 from fractalmidi_jax import midi
+from fractalmidi_jax.roll import NUM_PITCHES
 
 BAR_STEPS = 16
 WINDOW_STEPS = 128
-BAR_CELLS = BAR_STEPS * midi.NUM_PITCHES
+BAR_CELLS = BAR_STEPS * NUM_PITCHES
 CI_LEVEL = 0.95
 
 
@@ -143,7 +144,7 @@ def load_notes(paths: Sequence[Path], options: midi.ReadOptions = midi.ReadOptio
 def sounding_cells(notes: np.ndarray, num_steps: int) -> np.ndarray:
     """bool [num_steps, 128]: True where any note of that pitch sounds (overlapping
     notes of one pitch simply overlap; no roll encoding gaps)."""
-    delta = np.zeros((num_steps + 1, midi.NUM_PITCHES), np.int32)
+    delta = np.zeros((num_steps + 1, NUM_PITCHES), np.int32)
     np.add.at(delta, (notes[:, 0], notes[:, 2]), 1)
     np.add.at(delta, (np.minimum(notes[:, 1], num_steps), notes[:, 2]), -1)
     return np.cumsum(delta[:-1], axis=0) > 0
@@ -167,7 +168,7 @@ def feature_values(notes: np.ndarray) -> dict[str, np.ndarray]:
     w = onset[in_window] // window
     p = pitch[in_window]
     count = np.bincount(w, minlength=windows)
-    lowest = np.full(windows, midi.NUM_PITCHES)
+    lowest = np.full(windows, NUM_PITCHES)
     highest = np.full(windows, -1)
     np.minimum.at(lowest, w, p)
     np.maximum.at(highest, w, p)
@@ -326,7 +327,7 @@ def _set_header(stats: SetStats) -> dict:
 def bar_cells(notes: np.ndarray) -> np.ndarray:
     """bool [bars, 16, 128]: each bar's sounding cells (step-major)."""
     bars = num_bars(notes)
-    return sounding_cells(notes, bars * BAR_STEPS).reshape(bars, BAR_STEPS, midi.NUM_PITCHES)
+    return sounding_cells(notes, bars * BAR_STEPS).reshape(bars, BAR_STEPS, NUM_PITCHES)
 
 
 def _shifted(bars: np.ndarray, max_shift: int) -> np.ndarray:
@@ -335,7 +336,7 @@ def _shifted(bars: np.ndarray, max_shift: int) -> np.ndarray:
     out = np.zeros((bars.shape[0], 2 * max_shift + 1) + bars.shape[1:], bool)
     for k, d in enumerate(range(-max_shift, max_shift + 1)):
         if d >= 0:
-            out[:, k, :, d:] = bars[:, :, : midi.NUM_PITCHES - d]
+            out[:, k, :, d:] = bars[:, :, : NUM_PITCHES - d]
         else:
             out[:, k, :, :d] = bars[:, :, -d:]
     return out
@@ -423,11 +424,7 @@ def _bars(named_notes, min_cells: int, packed: bool = False):
     """The bars with at least min_cells sounding cells of all files, stacked (bool
     [bars, 16, 128], or bit-packed uint8 [bars, 256] to keep a large training set
     small), and (file index, bar index) of each."""
-    out = [
-        np.zeros((0, BAR_CELLS // 8), np.uint8)
-        if packed
-        else np.zeros((0, BAR_STEPS, midi.NUM_PITCHES), bool)
-    ]
+    out = [np.zeros((0, BAR_CELLS // 8), np.uint8) if packed else np.zeros((0, BAR_STEPS, NUM_PITCHES), bool)]
     where = []
     for i, (_, notes) in enumerate(named_notes):
         bars = bar_cells(notes)

@@ -25,12 +25,15 @@ import numpy as np
 from fractalmidi_jax import checkpoint as ckpt
 from fractalmidi_jax import data, midi, render, sharding, steps
 from fractalmidi_jax import library as rolls
+from fractalmidi_jax import roll as roll_lib
 from fractalmidi_jax import sampler as sampler_lib
 from fractalmidi_jax.config import Config, save_yaml
 from fractalmidi_jax.fractal import train_flops_per_sample
 from fractalmidi_jax.writer import Writer
 
 ARCHITECTURE_FIELDS = (
+    "roll",
+    "border_context",
     "img_size_list",
     "embed_dim_list",
     "num_blocks_list",
@@ -66,6 +69,7 @@ def load_library(spec: str, split: str, config: Config) -> rolls.RollLibrary:
     library = rolls.RollLibrary(
         resolve_data(spec, split),
         options,
+        config.roll,
         cache_dir=config.cache_dir or None,
         cache_in_memory=config.cache_in_memory,
         num_workers=min(os.cpu_count() or 1, 8),
@@ -91,7 +95,7 @@ def initial_state(config: Config, mesh):
         return graphdef, steps.place_state(fresh, mesh), None
     path = ckpt.resolve(config.resume_from_checkpoint)
     meta = ckpt.read_meta(path)
-    _check_architecture(meta["config"], config, path)
+    _check_architecture(ckpt.saved_config(meta), config, path)
     saved_ema = meta["config"].get("ema_decay", 0) > 0
     target = steps.restore_target(config.replace(ema_decay=config.ema_decay if saved_ema else 0.0), mesh)
     restored = ckpt.restore(path, target)
@@ -184,9 +188,10 @@ def log_images(writer: Writer, step: int, config: Config, params, val_crops) -> 
     run = sampler_lib.make_sampler(config, config.num_iter_list)
     cells, known = sampler_lib.unconditional_inputs(NUM_IMAGE_SAMPLES, config.crop_length)
     rolls, _ = run(params, cells, known, jax.random.key(config.seed + step), jnp.float32(1.0))
-    writer.image(step, "samples/generated", render.grid_image(np.asarray(rolls)))
+    pictures = lambda tokens: render.grid_image([roll_lib.velocity_cells(t, config.roll) for t in tokens])
+    writer.image(step, "samples/generated", pictures(np.asarray(rolls)))
     if val_crops is not None:
-        writer.image(step, "samples/validation", render.grid_image(val_crops[:NUM_IMAGE_SAMPLES]))
+        writer.image(step, "samples/validation", pictures(val_crops[:NUM_IMAGE_SAMPLES]))
 
 
 def train(config: Config) -> Path:

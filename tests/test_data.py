@@ -12,6 +12,7 @@ import pytest
 
 from fractalmidi_jax import data, midi
 from fractalmidi_jax import library as rolls
+from fractalmidi_jax import roll as roll_lib
 
 SECONDS_PER_STEP = 0.125  # a sixteenth at 120 bpm
 
@@ -133,7 +134,7 @@ def test_library_matches_midi_and_reads_from_cache_second_time(songs, tmp_path):
     cold = library_of(songs, tmp_path)
     assert cold.num_from_cache == 0 and len(cold) == len(songs)
     for k, path in enumerate(songs):
-        np.testing.assert_array_equal(cold.roll(k), midi.score_to_roll(midi.read_score(path)))
+        np.testing.assert_array_equal(cold.roll(k), roll_lib.read_roll(path, "note")[0])
     assert len(list((tmp_path / "cache").glob("*.npz"))) == len(songs)
     warm = library_of(songs, tmp_path)
     assert warm.num_from_cache == len(songs)
@@ -142,23 +143,35 @@ def test_library_matches_midi_and_reads_from_cache_second_time(songs, tmp_path):
         np.testing.assert_array_equal(warm.roll(k), cold.roll(k))
         np.testing.assert_array_equal(from_disk.roll(k), cold.roll(k))
     np.testing.assert_array_equal(warm.num_steps, [64 * (k + 1) for k in range(5)])
+    velocity = library_of(songs, tmp_path, kind="velocity")
+    assert velocity.num_from_cache == 0  # another roll kind is another cache entry
+    np.testing.assert_array_equal(velocity.roll(0), roll_lib.read_roll(songs[0], "velocity")[0])
+    assert library_of(songs, tmp_path, kind="velocity").num_from_cache == len(songs)
+
+
+def test_a_cache_record_of_another_roll_kind_is_never_used(songs, tmp_path):
+    library_of(songs[:1], tmp_path)
+    (record,) = (tmp_path / "cache").glob("*.npz")
+    with pytest.raises(KeyError, match="holds a note roll, not a velocity roll"):
+        rolls._read_record(record, "velocity")
 
 
 def test_cache_key_follows_file_bytes_pipeline_version_and_options(songs, tmp_path, monkeypatch):
     path = songs[0]
-    key = rolls.cache_key(path, midi.ReadOptions())
-    assert rolls.cache_key(path, midi.ReadOptions()) == key
-    assert rolls.cache_key(path, midi.ReadOptions(sustain_pedal=True)) != key
+    key = rolls.cache_key(path, midi.ReadOptions(), "note")
+    assert rolls.cache_key(path, midi.ReadOptions(), "note") == key
+    assert rolls.cache_key(path, midi.ReadOptions(), "velocity") != key
+    assert rolls.cache_key(path, midi.ReadOptions(sustain_pedal=True), "note") != key
     monkeypatch.setattr(midi, "PIPELINE_VERSION", midi.PIPELINE_VERSION + 1)
-    assert rolls.cache_key(path, midi.ReadOptions()) != key
+    assert rolls.cache_key(path, midi.ReadOptions(), "note") != key
     assert library_of([path], tmp_path).num_from_cache == 0  # the new version misses the old cache
     monkeypatch.undo()
     library_of([path], tmp_path)
     write_song(path, [(70, 0, 9, 80)])  # editing the file
-    assert rolls.cache_key(path, midi.ReadOptions()) != key
+    assert rolls.cache_key(path, midi.ReadOptions(), "note") != key
     edited = library_of([path], tmp_path)
     assert edited.num_from_cache == 0
-    assert edited.num_steps[0] == 9 and edited.roll(0)[70].sum() == 9 * 80
+    assert edited.num_steps[0] == 9 and roll_lib.roll_to_notes(edited.roll(0), "note").tolist() == [[0, 9, 70, 80]]
 
 
 def test_default_cache_dir_follows_environment(monkeypatch, tmp_path):
@@ -228,15 +241,15 @@ def test_crop_pads_short_pieces_and_drops_shifted_out_notes():
     roll[126, 0:4] = 90
     roll[1, 2:5] = 70
     roll[60, 8:10] = 50
-    up = data.crop_roll(roll, 8, 16, shift=3)
+    up = data.crop_roll(roll, 8, 16, "velocity", shift=3)
     assert up.shape == (128, 16) and up.dtype == np.uint8
     assert up[63, :2].tolist() == [50, 50] and up[:, 2:].sum() == 0  # past the end: silence
-    shifted = data.crop_roll(roll, 0, 12, shift=2)
+    shifted = data.crop_roll(roll, 0, 12, "velocity", shift=2)
     assert (
         shifted[3, 2:5].tolist() == [70] * 3 and shifted[:2].sum() == 0
     )  # pitch 126 + 2 is gone, not wrapped
     assert np.count_nonzero(shifted) == np.count_nonzero(roll) - 4
-    down = data.crop_roll(roll, 0, 12, shift=-2)
+    down = data.crop_roll(roll, 0, 12, "velocity", shift=-2)
     assert down[124, :4].tolist() == [90] * 4 and down[126:].sum() == 0 and np.count_nonzero(down) == 4 + 2
 
 
@@ -316,6 +329,7 @@ def test_unclosed_loader_does_not_hang_interpreter_exit(songs, tmp_path):
     script = f"""
 from fractalmidi_jax import data
 from fractalmidi_jax import library as rolls
+from fractalmidi_jax import roll as roll_lib
 library = rolls.RollLibrary({[str(s) for s in songs]!r}, cache_dir={str(tmp_path / "cache")!r}, num_workers=0)
 loader = data.Loader(data.BatchStream(library, data.CropSpec(64), 2), num_workers=2, prefetch=8)
 next(loader)
@@ -334,11 +348,11 @@ def test_fixed_crops_are_deterministic_distinct_and_unshifted(songs, tmp_path):
     # Songs of 64, 128, 192, 256, 320 steps have 1, 5, 9, 13, 17 bar-aligned starts.
     assert crops.shape == (1 + 4 * 4, 128, 64) and crops.dtype == np.uint8
     np.testing.assert_array_equal(crops, data.fixed_crops(library, 64, 4, seed=0))
-    np.testing.assert_array_equal(crops[0], library.roll(0))
+    np.testing.assert_array_equal(crops[0], roll_lib.crop_tokens(library.roll(0).copy(), "note"))
     for k in range(1, len(crops)):
         assert not np.array_equal(crops[k], crops[k - 1])
     song = library.roll(4)
-    windows = [song[:, s : s + 64] for s in range(0, 320 - 64 + 1, 16)]
+    windows = [roll_lib.crop_tokens(song[:, s : s + 64].copy(), "note") for s in range(0, 320 - 64 + 1, 16)]
     assert all(any(np.array_equal(c, w) for w in windows) for c in crops[-4:])
 
 

@@ -8,16 +8,8 @@ import numpy as np
 import pytest
 
 from fractalmidi_jax import midi
-from fractalmidi_jax.midi import (
-    MidiError,
-    ReadOptions,
-    notes_to_roll,
-    read_score,
-    roll_to_notes,
-    roundtrip_stats,
-    score_to_roll,
-    write_midi,
-)
+from fractalmidi_jax import roll as roll_lib
+from fractalmidi_jax.midi import MidiError, ReadOptions, read_score, write_midi
 
 TPQ = 480
 STEP = TPQ // 4  # ticks per sixteenth
@@ -134,17 +126,23 @@ def test_repeated_notes_and_chords_round_trip_exactly(tmp_path):
     want = sorted((t0 // s, p, v) for t0, _, p, v in notes)
     assert sorted((o, p, v) for o, _, p, v in rows(score)) == want
 
-    decoded = roll_to_notes(score_to_roll(score))
-    write_midi(tmp_path / "back.mid", decoded, tempo_bpm=score.tempo_bpm)
-    back = read_score(tmp_path / "back.mid")
-    assert sorted((o, p, v) for o, _, p, v in rows(back)) == want
-    # the earlier of two back-to-back notes is one step shorter, the last keeps its length
-    assert (0, 1, 60, 90) in rows(back) and (6, 8, 60, 50) in rows(back)
-
-    stats = roundtrip_stats([tmp_path / "x.mid", write(tmp_path, b"", "empty.mid")])
-    assert stats["files"] == 1 and stats["exact"] == stats["notes"] == len(notes)
-    assert stats["fraction"] == 1.0 and stats["spurious"] == 0
-    assert stats["skipped"] == [(str(tmp_path / "empty.mid"), "empty file")]
+    for kind in roll_lib.KINDS:
+        roll, _ = roll_lib.read_roll(tmp_path / "x.mid", kind)
+        write_midi(tmp_path / "back.mid", roll_lib.roll_to_notes(roll, kind), tempo_bpm=score.tempo_bpm)
+        back = read_score(tmp_path / "back.mid")
+        assert sorted((o, p, v) for o, _, p, v in rows(back)) == want
+        stats = roll_lib.roundtrip_stats([tmp_path / "x.mid", write(tmp_path, b"", "empty.mid")], kind)
+        assert stats["files"] == 1 and stats["exact"] == stats["notes"] == len(notes)
+        assert stats["fraction"] == 1.0 and stats["spurious"] == 0
+        assert stats["skipped"] == [(str(tmp_path / "empty.mid"), "empty file")]
+    # a note roll keeps every length; in a velocity roll the earlier of two back-to-back notes is
+    # one step shorter, the last keeps its length
+    decoded = {
+        kind: roll_lib.roll_to_notes(roll_lib.read_roll(tmp_path / "x.mid", kind)[0], kind)
+        for kind in roll_lib.KINDS
+    }
+    assert decoded["note"].tolist() == score.notes.tolist()
+    assert [0, 1, 60, 90] in decoded["velocity"].tolist() and [6, 8, 60, 50] in decoded["velocity"].tolist()
 
 
 def test_write_midi_keeps_steps_at_any_tempo(tmp_path):
@@ -153,59 +151,6 @@ def test_write_midi_keeps_steps_at_any_tempo(tmp_path):
     score = read_score(tmp_path / "t.mid")
     assert score.notes.tolist() == notes.tolist()
     assert score.tempo_bpm == pytest.approx(97.3, rel=1e-5)
-
-
-# ---- roll encoding ----------------------------------------------------------------------
-
-
-def test_roll_encoding():
-    notes = np.array(
-        [
-            [0, 4, 60, 50],
-            [4, 6, 60, 90],  # back to back: one-step gap
-            [10, 20, 62, 40],
-            [12, 14, 62, 100],  # a re-strike inside a held note ends it
-            [30, 31, 64, 70],
-            [31, 33, 64, 20],  # a one-step note then an onset: split by velocity
-            [35, 36, 64, 20],
-            [36, 37, 64, 20],  # ... and of one velocity: they merge
-            [40, 50, 65, 30],
-            [40, 45, 65, 80],  # two notes at one onset: loudest, longest
-        ]
-    )
-    roll = notes_to_roll(notes, 60)
-    assert roll.shape == (128, 60) and roll.dtype == np.uint8
-    assert roll[60, :7].tolist() == [50, 50, 50, 0, 90, 90, 0]
-    assert roll[62, 9:21].tolist() == [0, 40, 0, 100, 100] + [0] * 7
-    assert roll[64, 30:38].tolist() == [70, 20, 20, 0, 0, 20, 20, 0]
-    assert roll[65, 40:51].tolist() == [80] * 10 + [0]
-    assert roll_to_notes(roll).tolist() == [
-        [0, 3, 60, 50],
-        [4, 6, 60, 90],
-        [10, 11, 62, 40],
-        [12, 14, 62, 100],
-        [30, 31, 64, 70],
-        [31, 33, 64, 20],
-        [35, 37, 64, 20],
-        [40, 50, 65, 80],
-    ]
-    loud = [[4, 6, 60, 90], [12, 14, 62, 100], [30, 31, 64, 70], [40, 50, 65, 80]]
-    assert roll_to_notes(roll, min_velocity=60).tolist() == loud
-    long = [[0, 3, 60, 50], [40, 50, 65, 80]]
-    assert roll_to_notes(roll, min_note_steps=3).tolist() == long
-
-
-def test_velocity_tolerance_merges_jitter():
-    roll = np.zeros((128, 8), np.uint8)
-    roll[60, 1:7] = [80, 82, 79, 81, 0, 90][:6]
-    assert roll_to_notes(roll).shape[0] == 5
-    assert roll_to_notes(roll, velocity_tolerance=3).tolist() == [[1, 5, 60, 80], [6, 7, 60, 90]]
-
-
-def test_notes_to_roll_cuts_and_skips():
-    roll = notes_to_roll([[5, 100, 127, 10], [20, 30, 0, 5], [3, 3, 1, 5], [0, 2, 128, 5]], 10)
-    assert roll_to_notes(roll).tolist() == [[5, 10, 127, 10]]
-    assert roll_to_notes(notes_to_roll(np.zeros((0, 4)), 4)).shape == (0, 4)
 
 
 # ---- bad input --------------------------------------------------------------------------
