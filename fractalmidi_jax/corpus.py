@@ -1,8 +1,9 @@
 """The built-in default corpus: the Bach works that music21 carries offline, as MIDI files.
 
 music21 ships 433 Bach works (chorales as .mxl/.xml, a few Humdrum .krn files and 20
-Riemenschneider roman-numeral analyses as .rntxt). `prepare_bach_corpus` converts each
-one once to a MIDI file under a cache folder, in a pool of worker processes (music21
+Riemenschneider roman-numeral analyses as .rntxt). The analyses are chord labels, not music
+(as MIDI they become block chords), so they are left out (`CHORD_ANALYSES`).
+`prepare_bach_corpus` converts each remaining work once to a MIDI file under a cache folder, in a pool of worker processes (music21
 takes about 0.2 s a file), and skips the works music21 cannot convert. It then writes
 train.txt and valid.txt (relative paths, one a line; a work goes to valid when a hash
 of its file name says so, about 1 in 10, so the split never changes) and a marker file.
@@ -25,7 +26,8 @@ from pathlib import Path
 from fractalmidi_jax.config import cache_root
 
 MARKER = "DONE.json"
-_VERSION = 1  # bump when the conversion or the split changes
+_VERSION = 2  # bump when the conversion or the split changes
+CHORD_ANALYSES = (".rntxt",)  # roman-numeral analyses: chord labels, not a score
 
 
 def default_root() -> Path:
@@ -50,7 +52,8 @@ def prepare_bach_corpus(
         ) from err
 
     corpus_dir = Path(common.getCorpusFilePath())
-    sources = sorted(Path(p) for p in corpus.getComposer("bach"))[:limit]
+    works = (Path(p) for p in corpus.getComposer("bach"))
+    sources = sorted(p for p in works if p.suffix.lower() not in CHORD_ANALYSES)[:limit]
     names = [str(p.relative_to(corpus_dir)) + ".mid" for p in sources]  # e.g. bach/bwv1.6.mxl.mid
     todo = [(str(src), str(root / name)) for src, name in zip(sources, names) if not (root / name).exists()]
     for _, target in todo:

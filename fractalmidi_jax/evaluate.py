@@ -73,6 +73,10 @@ def music_table(result: dict) -> str:
             )
         )
     rows.append(("mean OA", "", "", _fmt(result["mean_oa"], result["mean_oa_ci"], ".3f")))
+    gen_cont = result["sets"]["generated"]["continuity"]
+    ref_cont = result["sets"]["reference"]["continuity"]
+    for name in gen_cont:
+        rows.append((name, _fmt(gen_cont[name]), _fmt(ref_cont[name]), ""))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows)
 

@@ -18,6 +18,13 @@ Features (FEATURES; each value below is one sample of the feature's distribution
 - empty_bar: 1 for a bar in which no note sounds, else 0 (its mean is the fraction).
 - sounding_share: sounding (pitch, step) cells / (128 x steps) of each window.
 
+Continuity (`continuity_counts`, reported beside the features, not in the mean OA): paint
+each note's velocity on its cells (a later onset paints over an earlier note); then
+same_velocity_neighbours = the share of horizontally neighbouring sounding cell pairs
+(one pitch, steps t and t + 1) that hold one velocity, and cells_per_run = sounding cells
+per maximal run of sounding cells of one pitch (velocity ignored). Held notes that a
+generator breaks into fragments of other velocities lower the first; gaps the second.
+
 Per file we keep, for every feature, its histogram counts over fixed bins shared by
 all sets, and (count, sum, sum of squares) of its values. A set's distribution and
 summary (mean, std) pool the values of its files, each value weighing the same (so
@@ -200,6 +207,24 @@ class SetStats:
     skipped: list[tuple[str, str]]
     counts: dict[str, np.ndarray]  # feature -> int [files, bins] histogram counts
     moments: dict[str, np.ndarray]  # feature -> float [files, 3]: number of values, sum, sum of squares
+    continuity: np.ndarray  # int [files, 4]: neighbour pairs, pairs of one velocity, runs, run cells
+
+
+def continuity_counts(notes: np.ndarray) -> np.ndarray:
+    """int [4]: sounding neighbour pairs, those of one velocity, runs and their cells (module docstring)."""
+    num_steps = int(notes[:, 1].max())
+    notes = notes[np.argsort(notes[:, 0], kind="stable")]  # later onsets paint last
+    onset, end, pitch, velocity = (notes[:, i].astype(np.int64) for i in range(4))
+    length = end - onset
+    first_cell = np.cumsum(length) - length
+    steps = np.repeat(onset - first_cell, length) + np.arange(length.sum())
+    velocity_TxP = np.zeros((num_steps, NUM_PITCHES), np.int16)
+    velocity_TxP[steps, np.repeat(pitch, length)] = np.repeat(velocity, length)
+    sounding = velocity_TxP > 0
+    pairs = sounding[1:] & sounding[:-1]
+    same = pairs & (velocity_TxP[1:] == velocity_TxP[:-1])
+    runs = sounding.sum() - pairs.sum()
+    return np.array([pairs.sum(), same.sum(), runs, sounding.sum()], np.int64)
 
 
 def set_stats(named_notes: Sequence[tuple[str, np.ndarray]], skipped=()) -> SetStats:
@@ -213,7 +238,14 @@ def set_stats(named_notes: Sequence[tuple[str, np.ndarray]], skipped=()) -> SetS
                 FEATURE_BY_NAME[name].bin_of(values), minlength=counts[name].shape[1]
             )
             moments[name][i] = (values.size, values.sum(), (values * values).sum())
-    return SetStats([name for name, _ in named_notes], list(skipped), counts, moments)
+    continuity = np.array([continuity_counts(notes) for _, notes in named_notes], np.int64).reshape(-1, 4)
+    return SetStats([name for name, _ in named_notes], list(skipped), counts, moments, continuity)
+
+
+def continuity(stats: SetStats) -> dict:
+    """same_velocity_neighbours and cells_per_run of a whole set (module docstring)."""
+    pairs, same, runs, cells = stats.continuity.sum(axis=0)
+    return {"same_velocity_neighbours": _number(same / max(pairs, 1)), "cells_per_run": _number(cells / max(runs, 1))}
 
 
 def overlapping_area(p: np.ndarray, q: np.ndarray) -> np.ndarray:
@@ -295,8 +327,10 @@ def compare(generated: SetStats, reference: SetStats, bootstrap: int = 500, seed
         "seed": seed,
         "ci_level": CI_LEVEL,
         "sets": {
-            "generated": _set_header(generated) | {"features": summarize(generated, gen_weights)},
-            "reference": _set_header(reference) | {"features": summarize(reference, ref_weights)},
+            "generated": _set_header(generated)
+            | {"features": summarize(generated, gen_weights), "continuity": continuity(generated)},
+            "reference": _set_header(reference)
+            | {"features": summarize(reference, ref_weights), "continuity": continuity(reference)},
         },
         "features": {
             f.name: {

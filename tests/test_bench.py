@@ -4,13 +4,15 @@ import numpy as np
 from tiny import TINY
 
 from fractalmidi_jax import bench
+from fractalmidi_jax import roll as roll_lib
 
 
 def test_realistic_rolls_are_sparse_notes():
     rolls = bench.realistic_rolls(2, 128)
     assert rolls.shape == (2, 128, 128) and rolls.dtype == np.uint8
     sounding = (rolls > 0).mean(axis=(1, 2))
-    assert np.all((sounding >= 0.03) & (sounding < 0.06)), sounding
+    assert np.all((sounding >= 0.025) & (sounding < 0.06)), sounding  # overlapping notes merge
+    assert roll_lib.SUSTAIN in rolls and bench.realistic_rolls(1, 64, "velocity").max() < roll_lib.SUSTAIN
 
 
 def test_train_and_sample_cases_report_a_row():

@@ -171,7 +171,9 @@ def test_cache_key_follows_file_bytes_pipeline_version_and_options(songs, tmp_pa
     assert rolls.cache_key(path, midi.ReadOptions(), "note") != key
     edited = library_of([path], tmp_path)
     assert edited.num_from_cache == 0
-    assert edited.num_steps[0] == 9 and roll_lib.roll_to_notes(edited.roll(0), "note").tolist() == [[0, 9, 70, 80]]
+    assert edited.num_steps[0] == 9 and roll_lib.roll_to_notes(edited.roll(0), "note").tolist() == [
+        [0, 9, 70, 80]
+    ]
 
 
 def test_default_cache_dir_follows_environment(monkeypatch, tmp_path):

@@ -1,13 +1,15 @@
 """generate.py's modes, outputs and errors, with a checkpoint of a tiny 2-step training run (CPU)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 from tiny import TINY, stop_at, tiny_training, write_song
 
-from fractalmidi_jax import generation, midi, render, trainer
+from fractalmidi_jax import data, generation, midi, render, trainer
+from fractalmidi_jax import roll as roll_lib
 
 WIDTH = TINY.crop_length  # the default --target_width
 BATCH = 4  # samples per sampler call, as for the trainer's images (the same compiled sampler)
@@ -15,8 +17,12 @@ BATCH = 4  # samples per sampler call, as for the trainer's images (the same com
 pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 
-def roll_of(path) -> np.ndarray:
-    return midi.score_to_roll(midi.read_score(path))
+POP909_VALID = Path(__file__).resolve().parents[2] / "shared" / "data" / "pop909" / "valid"
+
+
+def roll_of(path, width=WIDTH) -> np.ndarray:
+    """The model tokens of a file's first `width` steps (what generation's canvas holds)."""
+    return data.crop_roll(roll_lib.read_roll(path, TINY.roll)[0], 0, width, TINY.roll)
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +49,9 @@ def rolls(monkeypatch) -> list[np.ndarray]:
     captured = []
     real = generation._write_sample
 
-    def spy(args, out, index, roll, frames, tempo):
+    def spy(args, kind, out, index, roll, *rest):
         captured.append(np.array(roll))
-        return real(args, out, index, roll, frames, tempo)
+        return real(args, kind, out, index, roll, *rest)
 
     monkeypatch.setattr(generation, "_write_sample", spy)
     return captured
@@ -81,7 +87,7 @@ def test_unconditional_writes_midi_pictures_and_report(checkpoint, tmp_path, rol
         assert sample["files"] == [f"{stem}.mid", f"{stem}.png", f"{stem}.gif"]
         assert roll.shape == (128, WIDTH)
         written = midi.read_score(out / f"{stem}.mid")
-        assert sample["notes"] == len(written.notes) == len(midi.roll_to_notes(roll)) > 0
+        assert sample["notes"] == len(written.notes) == len(roll_lib.roll_to_notes(roll, TINY.roll)) > 0
         assert sample["sounding_cells"] == pytest.approx((roll > 0).mean())
         with Image.open(out / f"{stem}.png") as png:
             assert png.size == (2 * WIDTH, 2 * 128)
@@ -114,12 +120,40 @@ def test_inpainting_changes_only_the_region(folder, checkpoint, tmp_path, rolls)
     flags = ["--mode", "inpainting", "--input_midi", source, "--mask_start", 8, "--mask_end", 24]
     report = generate(checkpoint, tmp_path, *flags, "--mask_pitch_low", 40, "--mask_pitch_high", 80)
     assert report["mode"] == "inpainting"
-    original = roll_of(source)[:, :WIDTH]
+    original = roll_of(source)
     region = np.zeros((128, WIDTH), bool)
     region[40:81, 8:24] = True
     for roll in rolls:
         np.testing.assert_array_equal(roll[~region], original[~region])
         assert not np.array_equal(roll[region], original[region])
+
+
+def test_notes_outside_the_region_come_back_note_for_note(folder, checkpoint, tmp_path):
+    """Inpainting steps 64..96 of 128 (POP909 valid songs where ../shared has them): every note of the
+    input that is not wholly inside the region comes back with its onset, pitch, velocity and length,
+    including notes that cross the region's border (kept whole) and notes that end where generated
+    cells begin."""
+    sources = sorted(POP909_VALID.glob("*.mid"))[:3] or sorted((folder / "songs").glob("*.mid"))
+    for k, source in enumerate(sources):
+        flags = ["--mode", "inpainting", "--input_midi", source, "--mask_start", 64, "--mask_end", 96]
+        generate(checkpoint, tmp_path / str(k), *flags, "--target_width", 128, "--batch_size", 2)
+        notes = roll_lib.roll_to_notes(roll_of(source, 128), TINY.roll)
+        outside = (notes[:, 0] < 64) | (notes[:, 1] > 96)
+        for name in ("sample_000.mid", "sample_001.mid"):
+            written = {tuple(n) for n in midi.read_score(tmp_path / str(k) / name).notes.tolist()}
+            missing = [tuple(n) for n in notes[outside].tolist() if tuple(n) not in written]
+            assert not missing, (source.name, missing[:5])
+        assert outside.sum() > 10 and ((notes[:, 0] < 64) & (notes[:, 1] > 64)).any()
+
+
+def test_border_notes_are_kept_whole():
+    """A note that lies partly in the region is taken out of it, for both roll kinds."""
+    for kind in roll_lib.KINDS:
+        tokens = roll_lib.crop_tokens(roll_lib.notes_to_roll([[2, 6, 60, 80], [5, 7, 61, 70]], 8, kind), kind)
+        region = np.zeros((128, 8), bool)
+        region[:, 4:6] = True
+        kept = generation.keep_border_notes_whole(tokens, region, kind)
+        assert not kept[60].any() and kept[61].tolist() == [False] * 4 + [True] + [False] * 3
 
 
 def test_same_seed_same_music(checkpoint, tmp_path, rolls):

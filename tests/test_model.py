@@ -13,13 +13,15 @@ import pytest
 from flax import nnx
 from tiny import TINY, tiny
 
+from fractalmidi_jax import roll as roll_lib
 from fractalmidi_jax import sampler as sampler_lib
 from fractalmidi_jax.ar import ARLevel
 from fractalmidi_jax.config import Config, ConfigError
 from fractalmidi_jax.fractal import budgets, build_model, count_params, fractal_loss, tokens_per_level
 from fractalmidi_jax.mar import MARLevel
 
-LOG_128 = math.log(128)
+NUM_CLASSES = roll_lib.num_classes(TINY.roll)
+LOG_CLASSES = math.log(NUM_CLASSES)
 
 
 def random_roll(seed, batch, width, density=0.05):
@@ -61,8 +63,8 @@ def losses_fn(graphdef, config, train=True):
         (("ar", "mar", "mar"), "row_major", 16),
     ],
 )
-def test_loss_at_init_is_log128_per_reached_cell(types, scan_order, width):
-    """At initialisation every cell costs about log(128) nats, so a correctly weighted and normalised loss
+def test_loss_at_init_is_log_classes_per_reached_cell(types, scan_order, width):
+    """At initialisation every cell costs about log(number of cell classes) nats, so a correctly weighted and normalised loss
     (a finite float32 scalar per key) averages to log(128) over keys for every generator type, scan
     order and width, including a width that is not a multiple of the level-0 patch."""
     config = tiny(generator_types=types, scan_order=scan_order)
@@ -71,25 +73,25 @@ def test_loss_at_init_is_log128_per_reached_cell(types, scan_order, width):
     assert losses.shape == (64,) and losses.dtype == jnp.float32
     losses = np.asarray(losses)
     assert np.isfinite(losses).all()
-    assert abs(losses.mean() - LOG_128) < 0.15, losses.mean()
+    assert abs(losses.mean() - LOG_CLASSES) < 0.15, losses.mean()
 
 
 def test_padding_is_not_scored():
     """A roll 20 steps wide is padded to 32 inside the loss; the padded cells are neither scored nor
-    counted. With a head whose loss depends on the target only (log 127 for a note, 30 + log 127 for
-    silence), an all-note 20-step roll costs log 127 per cell, while the same notes followed by 12
+    counted. With a head whose loss depends on the target only (log(V - 1) for a note, 30 + log(V - 1)
+    for silence, V classes), an all-note 20-step roll costs log(V - 1) per cell, while the same notes followed by 12
     silent steps cost far more; and the reached count is the 32-wide one scaled by 20 / 32."""
     config = tiny()
     model = build_model(config)
     model.head.codebook[...] = jnp.zeros_like(model.head.codebook[...])
-    model.head.bias[...] = jnp.zeros((128,)).at[0].set(-30.0)
+    model.head.bias[...] = jnp.zeros((NUM_CLASSES,)).at[0].set(-30.0)
     graphdef, params = nnx.split(model)
     losses = losses_fn(graphdef, config)
     notes20 = np.full((2, 128, 20), 100, np.uint8)
     silent_tail = np.concatenate([notes20, np.zeros((2, 128, 12), np.uint8)], axis=2)
     loss20, reached20 = losses(params, notes20, keys(64))
     loss32, reached32 = losses(params, silent_tail, keys(64))
-    note_cost, silence_cost = math.log(127), 30 + math.log(127)
+    note_cost, silence_cost = math.log(NUM_CLASSES - 1), 30 + math.log(NUM_CLASSES - 1)
     assert abs(np.mean(loss20) - note_cost) < 0.15, np.mean(loss20)
     assert abs(np.mean(loss32) - (20 * note_cost + 12 * silence_cost) / 32) < 1.0, np.mean(loss32)
     np.testing.assert_allclose(reached20, reached32 * 20 / 32, rtol=1e-6)
@@ -103,7 +105,7 @@ AR_WIDTH = 48  # level 0: 8 pitch bands x 3 bars, so the two scan orders differ
 @functools.lru_cache
 def ar_case(scan_order, level):
     """(graphdef, params, cells, conds, scan) of an AR level with random inputs."""
-    config = tiny(generator_types=("ar", "ar", "ar"), scan_order=scan_order)
+    config = tiny(generator_types=("ar", "ar", "ar"), scan_order=scan_order, border_context=False)
     ar = ARLevel(config, level, nnx.Rngs(params=level))
     rs = np.random.default_rng(level)
     if level == 0:
@@ -195,7 +197,7 @@ def test_all_ar_loss_sees_context_before_its_targets_only(scan_order):
     blind = nnx.clone(model)
     model.head.codebook[...] = model.head.codebook[...] * 10
     blind.head.codebook[...] = jnp.zeros_like(blind.head.codebook[...])
-    blind.head.bias[...] = jax.random.normal(jax.random.key(2), (128,)) * 3
+    blind.head.bias[...] = jax.random.normal(jax.random.key(2), (NUM_CLASSES,)) * 3
     graphdef, params = nnx.split(model)
     _, blind_params = nnx.split(blind)
 
@@ -236,7 +238,7 @@ def test_all_ar_loss_sees_context_before_its_targets_only(scan_order):
 def test_mar_hidden_cells_do_not_leak(level):
     """MARLevel.predict replaces hidden tokens by the mask token: changing a hidden token's cells leaves
     every output bit-identical, changing a visible one changes the outputs."""
-    config = tiny()
+    config = tiny(border_context=False)
     mar = MARLevel(config, level, nnx.Rngs(params=level))
     rs = np.random.default_rng(level)
     num_tokens, cells_per_token = (16, 256) if level == 0 else (16, 16)
@@ -273,10 +275,10 @@ def sensitive_model(config):
         width = attn.proj.kernel.shape[-1]
         attn.qkv.kernel[...] = attn.qkv.kernel[...].at[..., : 2 * width].set(0.0)
         attn.proj.kernel[...] = attn.proj.kernel[...] * 30
-        if level.kind == "mar":
+        if isinstance(level, MARLevel):
             level.mask_token[...] = level.mask_token[...] * 30
     model.head.codebook[...] = model.head.codebook[...] * 30
-    bias = np.random.default_rng(0).normal(0.0, 2.0, 128)
+    bias = np.random.default_rng(0).normal(0.0, 2.0, roll_lib.num_classes(config.roll))
     bias[0] += 4.0
     model.head.bias[...] = jnp.asarray(bias, jnp.float32)
     return model
@@ -320,7 +322,7 @@ def exact_cell_losses(graphdef, config, roll):
             for k, level in enumerate(model.levels):
                 x = jnp.asarray(per_level[k], jnp.int32)
                 n, num_tokens = x.shape[:2]
-                if level.kind == "mar":
+                if isinstance(level, MARLevel):
                     h, offset = (
                         level.predict(x, hidden[k].reshape(n, num_tokens), conds),
                         level.trunk.num_conds,
@@ -382,7 +384,7 @@ def test_budgeted_loss_is_unbiased():
     errors, while wrong estimators computed from the same budgets (unweighted mean over handed-down
     cells; weighted sum over handed-down cells; unweighted sum over reached cells) are rejected."""
     width = 16
-    config = tiny(crop_length=width, max_crop_length=width)
+    config = tiny(crop_length=width, max_crop_length=width, border_context=False)
     graphdef, params = nnx.split(sensitive_model(config))
     roll = np.zeros((1, 128, width), np.uint8)
     roll[0, 60:64, 0:6] = 90
@@ -433,11 +435,11 @@ def test_one_model_covers_widths_up_to_max_crop_length():
     run = sampler_lib.make_sampler(config, (1, 1, 1, 1))
     for width, train in ((128, True), (512, False)):
         loss, _ = losses_fn(graphdef, config, train)(params, random_roll(0, 1, width), keys(1))
-        assert np.isfinite(loss).all() and abs(float(loss[0]) - LOG_128) < 1.0
+        assert np.isfinite(loss).all() and abs(float(loss[0]) - LOG_CLASSES) < 1.0
         cells, known = sampler_lib.unconditional_inputs(1, width)
         rolls, _ = run(params, cells, known, jax.random.key(0), jnp.float32(1.0))
         rolls = np.asarray(rolls)
-        assert rolls.shape == (1, 128, width) and rolls.min() >= 0 and rolls.max() <= 127
+        assert rolls.shape == (1, 128, width) and rolls.min() >= 0 and rolls.max() < NUM_CLASSES
         assert (rolls > 0).mean() > 0.95  # drawn cells: nearly uniform velocities at initialisation
 
 
@@ -505,7 +507,7 @@ def test_half_precision_loss_is_close_to_float32(precision):
     roll = random_roll(0, 2, 32)
     loss32, _ = losses_fn(graphdef32, TINY)(params, roll, keys(64))
     loss, _ = losses_fn(graphdef, config)(params, roll, keys(64))
-    assert np.isfinite(loss).all() and abs(np.mean(loss32) - LOG_128) > 1.0
+    assert np.isfinite(loss).all() and abs(np.mean(loss32) - LOG_CLASSES) > 1.0
     np.testing.assert_allclose(loss, loss32, rtol=0.01)
 
 

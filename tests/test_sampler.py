@@ -11,6 +11,7 @@ from flax import nnx
 from tiny import TINY, tiny
 
 from fractalmidi_jax import masking
+from fractalmidi_jax import roll as roll_lib
 from fractalmidi_jax import sampler as sampler_lib
 from fractalmidi_jax.ar import ARLevel
 from fractalmidi_jax.fractal import build_model
@@ -18,6 +19,7 @@ from fractalmidi_jax.fractal import build_model
 NUM_ITER = (2, 2, 2, 1)
 BATCH, WIDTH = 2, 32
 ONE = jnp.float32(1.0)
+NUM_CLASSES = roll_lib.num_classes(TINY.roll)
 
 
 @functools.lru_cache
@@ -34,7 +36,7 @@ def sampler_for(config):
 
 
 def with_head_bias(params, bias):
-    """The same parameters with the velocity head's bias replaced."""
+    """The same parameters with the head's bias replaced."""
     params = jax.tree.map(lambda x: x, params)
     params["head"]["bias"] = nnx.Param(jnp.asarray(bias, jnp.float32))
     return params
@@ -59,7 +61,7 @@ def prompt_inputs(seed, steps=16):
 def test_ar_cached_decoding_matches_teacher_forcing(scan_order, level):
     """Prefill, then decode one patch at a time (feeding the true patches in scan order) over the KV
     cache gives the outputs of teacher forcing on the whole sequence."""
-    config = tiny(generator_types=("ar", "ar", "ar"), scan_order=scan_order)
+    config = tiny(generator_types=("ar", "ar", "ar"), scan_order=scan_order, border_context=False)
     ar = ARLevel(config, level, nnx.Rngs(params=level))
     rs = np.random.default_rng(level)
     if level == 0:
@@ -72,7 +74,7 @@ def test_ar_cached_decoding_matches_teacher_forcing(scan_order, level):
     scan = ar.scan(num_tokens)
 
     forced = jax.jit(lambda p: nnx.merge(graphdef, p).teacher_forced(cells, conds))(params)
-    prefill = jax.jit(lambda p: nnx.merge(graphdef, p).prefill(conds, 2, num_tokens))
+    prefill = jax.jit(lambda p: nnx.merge(graphdef, p).prefill(conds, None, 2, num_tokens))
     decode = jax.jit(lambda p, caches, x, i, g: nnx.merge(graphdef, p).decode(caches, x, i, g, num_tokens))
     h, caches = prefill(params)
     cached = [None] * num_tokens
@@ -90,7 +92,7 @@ def test_every_cell_gets_the_head_velocity():
     """With a head that can only say velocity 77, every cell of the output is 77: every cell was
     generated, none was left at the empty canvas."""
     run, params = sampler_for(TINY)
-    bias = np.full(128, -1e4)
+    bias = np.full(NUM_CLASSES, -1e4)
     bias[77] = 0.0
     cells, known = sampler_lib.unconditional_inputs(BATCH, WIDTH)
     rolls, _ = run(with_head_bias(params, bias), cells, known, jax.random.key(0), ONE)
@@ -102,7 +104,7 @@ def test_level0_rounds_fill_their_tokens_once():
     fills exactly its scheduled number of 16 x 16 patches (the first frame has fewer filled cells than
     the last), and a cell once filled keeps its velocity to the end. The head never draws silence here."""
     run, params = sampler_for(TINY)
-    bias = np.zeros(128)
+    bias = np.zeros(NUM_CLASSES)
     bias[0] = -1e4
     cells, known = sampler_lib.unconditional_inputs(BATCH, WIDTH)
     rolls, frames = run(with_head_bias(params, bias), cells, known, jax.random.key(1), ONE)
@@ -123,7 +125,7 @@ def test_ar_level0_frames_end_on_the_final_canvas(width):
     equal to the result (also when L0 is not a multiple of 16: 8 and 24 tokens here)."""
     config = tiny(generator_types=("ar", "mar", "mar"), crop_length=width)
     run, params = sampler_for(config)
-    bias = np.zeros(128)
+    bias = np.zeros(NUM_CLASSES)
     bias[0] = -1e4
     cells, known = sampler_lib.unconditional_inputs(1, width)
     rolls, frames = run(with_head_bias(params, bias), cells, known, jax.random.key(2), ONE)
