@@ -245,7 +245,10 @@ def set_stats(named_notes: Sequence[tuple[str, np.ndarray]], skipped=()) -> SetS
 def continuity(stats: SetStats) -> dict:
     """same_velocity_neighbours and cells_per_run of a whole set (module docstring)."""
     pairs, same, runs, cells = stats.continuity.sum(axis=0)
-    return {"same_velocity_neighbours": _number(same / max(pairs, 1)), "cells_per_run": _number(cells / max(runs, 1))}
+    return {
+        "same_velocity_neighbours": _number(same / max(pairs, 1)),
+        "cells_per_run": _number(cells / max(runs, 1)),
+    }
 
 
 def overlapping_area(p: np.ndarray, q: np.ndarray) -> np.ndarray:

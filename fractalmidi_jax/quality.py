@@ -67,7 +67,9 @@ def main(argv=None) -> None:
         print(f"{name:28s} {ours:10.3f} {real:10.3f}")
     print(f"{'mean OA (11 features)':28s} {music['mean_oa']:10.3f}")
     print(f"held-out NLL: {nll['nats_per_cell']:.4f} nats per cell, {nll['bits_per_note']:.2f} bits per note")
-    print(f"sampling {args.batch_size} x 128 x {width}: {sorted(generated['seconds_per_batch'])[0]:.3f} s per batch")
+    print(
+        f"sampling {args.batch_size} x 128 x {width}: {sorted(generated['seconds_per_batch'])[0]:.3f} s per batch"
+    )
     if timing:
         print(f"sampling 16 x 128 x 512: {timing['seconds']:.3f} s (compile {timing['compile_s']:.0f} s)")
     report = {
@@ -77,7 +79,9 @@ def main(argv=None) -> None:
         "music": {name: {"generated": ours, "real": real} for name, ours, real in rows},
         "mean_oa": music["mean_oa"],
         "oa": {name: f["oa"] for name, f in music["features"].items()},
-        "nll": {k: nll[k] for k in ("nats_per_cell", "bits_per_cell", "bits_per_note", "nats_per_cell_stderr")},
+        "nll": {
+            k: nll[k] for k in ("nats_per_cell", "bits_per_cell", "bits_per_note", "nats_per_cell_stderr")
+        },
         "sample_16x128x512_seconds": timing and timing["seconds"],
     }
     (Path(args.out) / "quality.json").write_text(json.dumps(report, indent=1))
