@@ -253,13 +253,14 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.num_samples < 1 or args.batch_size < 1:
         parser.error("--num_samples and --batch_size must be at least 1")
-    if not args.temperature > 0 or not np.isfinite(args.temperature):
-        parser.error(f"--temperature {args.temperature} must be a positive number (1 = the model's own)")
-    if args.num_iter_list and min(args.num_iter_list) < 1:
-        parser.error(
-            f"--num_iter_list {' '.join(map(str, args.num_iter_list))}: every level needs at least 1 round"
-        )
     try:
+        if not args.temperature > 0 or not np.isfinite(args.temperature):
+            raise GenerationError(
+                f"--temperature {args.temperature} must be a positive number (1 = the model's own)"
+            )
+        if args.num_iter_list and min(args.num_iter_list) < 1:
+            rounds = " ".join(map(str, args.num_iter_list))
+            raise GenerationError(f"--num_iter_list {rounds}: every level needs at least 1 round")
         check_writable(args.output_dir)
         report = generate(args)
     except (GenerationError, OutputDirError, ckpt.CheckpointError, render.AudioUnavailable) as error:

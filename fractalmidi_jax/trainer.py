@@ -34,7 +34,7 @@ from fractalmidi_jax import checkpoint as ckpt
 from fractalmidi_jax import data, midi, render, sharding, steps
 from fractalmidi_jax import library as rolls
 from fractalmidi_jax import sampler as sampler_lib
-from fractalmidi_jax.config import Config, ConfigError, save_yaml
+from fractalmidi_jax.config import Config, save_yaml
 from fractalmidi_jax.fractal import train_flops_per_sample
 from fractalmidi_jax.output_dir import OutputDirError, RunLock, check_writable
 from fractalmidi_jax.writer import Writer
@@ -268,7 +268,7 @@ def main(config: Config) -> None:
     with one line naming the problem and the fix, and exit code 2."""
     try:
         train(config)
-    except (RunError, OutputDirError, ConfigError, ckpt.CheckpointError) as error:
+    except (RunError, OutputDirError, ckpt.CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
 
@@ -370,8 +370,8 @@ def _train(config: Config, output_dir: Path) -> Path:
                 )
                 stop_reason = stop.reason or ("max_train_minutes reached" if over_time else "")
                 if jax.process_count() > 1:  # processes agree where they meet anyway: logs, checkpoints
-                    in_step = due(config.log_every_n_steps) or due(config.checkpoint_every_n_steps) or done
-                    stop_reason = agreed_stop(stop_reason) if in_step else ""
+                    meeting = due(config.log_every_n_steps) or due(config.checkpoint_every_n_steps) or done
+                    stop_reason = agreed_stop(stop_reason) if meeting else ""
                 checkpoint_due = due(config.checkpoint_every_n_steps) or done or stop_reason
                 validating = config.val_check_interval_steps and checkpoint_due  # names carry their own loss
                 if val_batches and (due(config.val_check_interval_steps) or done or validating):

@@ -74,14 +74,13 @@ def no_data(monkeypatch):
 
 
 def one_line_exit(function, *args) -> str:
-    """The one line `function(*args)` writes to stderr before exiting with code 2 (after
-    argparse's usage line, for its own errors)."""
+    """The one line `function(*args)` writes to stderr before exiting with code 2."""
     stderr = io.StringIO()
     with pytest.raises(SystemExit) as stopped, contextlib.redirect_stderr(stderr):
         function(*args)
     lines = stderr.getvalue().strip().splitlines()
     assert stopped.value.code == 2, stderr.getvalue()
-    assert len(lines) == 1 or (len(lines) == 2 and lines[0].startswith("usage:")), lines
+    assert len(lines) == 1, lines
     return lines[-1]
 
 
