@@ -65,6 +65,7 @@ def test_damaged_checkpoint_is_refused_naming_the_file_and_the_newest_intact(tmp
 
 
 def test_no_intact_checkpoint_left_is_said(tmp_path):
+    """With no intact checkpoint beside a damaged one, the message says so."""
     (only,) = saved(tmp_path, steps=(1,))
     largest_file(only).write_bytes(b"")
     assert f"no intact checkpoint is left in {tmp_path}" in refusal(only)
@@ -140,6 +141,7 @@ def test_unfinished_saves_are_removed_at_the_next_start(tmp_path):
 
 
 def test_checksums_are_kept_in_meta_json(tmp_path):
+    """meta.json lists every file of the committed state with its SHA-256."""
     (first,) = saved(tmp_path, steps=(1,))
     files = json.loads((first / ckpt.META).read_text())["files"]
     assert files and files == ckpt.file_checksums(first / ckpt.STATE)

@@ -239,6 +239,7 @@ def resume_config(config, tmp_path, checkpoint):
 
 @pytest.mark.parametrize("kind", ["missing", "empty folder", "not a checkpoint"])
 def test_resume_from_no_checkpoint(config, tmp_path, no_data, no_compiling, kind):
+    """A missing folder, an empty one or one without a checkpoint: one line, nothing written."""
     path = tmp_path / "given"
     if kind != "missing":
         path.mkdir()
@@ -250,6 +251,7 @@ def test_resume_from_no_checkpoint(config, tmp_path, no_data, no_compiling, kind
 
 
 def test_resume_with_another_architecture(run, config, tmp_path, no_data, no_compiling):
+    """Another architecture: one line naming the field, before the data loads."""
     latest = run / "checkpoints" / "latest"
     message = train_refusal(resume_config(config, tmp_path, latest).replace(embed_dim_list=(48, 16, 16, 8)))
     assert "has another architecture: embed_dim_list is [32, 16, 16, 8] there" in message
@@ -258,6 +260,7 @@ def test_resume_with_another_architecture(run, config, tmp_path, no_data, no_com
 
 @pytest.mark.parametrize("content", ["", "{garbage", '{"step": 2}'])
 def test_resume_with_garbage_or_empty_meta_json(config, copied, tmp_path, no_data, no_compiling, content):
+    """An empty, garbage or step-only meta.json: one line naming it, before the data loads."""
     (copied / "meta.json").write_text(content)
     message = train_refusal(resume_config(config, tmp_path, copied))
     assert message.startswith(f"error: {copied / 'meta.json'} ") and "damaged" in message
@@ -296,6 +299,7 @@ def test_devices_that_do_not_exist(config, tmp_path, no_data, no_compiling, devi
     ],
 )
 def test_values_that_mean_nothing_are_refused(flags, named):
+    """Values accepted before and meaningless: one line naming the field and the range."""
     assert f"invalid config: {named}" in flag_refusal(*flags)
 
 
@@ -350,6 +354,7 @@ def test_full_disk_names_the_folder_and_keeps_the_last_checkpoint(config, tmp_pa
 
 @pytest.mark.parametrize("content", ["", "{garbage"])
 def test_generate_with_garbage_meta_json(copied, tmp_path, no_compiling, content):
+    """generate.py with an empty or garbage meta.json: one line, nothing written."""
     (copied / "meta.json").write_text(content)
     message = generate_refusal("--checkpoint", copied, "--output_dir", tmp_path / "out")
     assert message.startswith(f"error: {copied / 'meta.json'} is unreadable")
@@ -357,6 +362,7 @@ def test_generate_with_garbage_meta_json(copied, tmp_path, no_compiling, content
 
 
 def test_generate_with_truncated_arrays(copied, tmp_path, no_compiling):
+    """generate.py with a truncated array file: one line naming it."""
     victim = damage_largest_file(copied)
     message = generate_refusal("--checkpoint", copied, "--output_dir", tmp_path / "out")
     assert message.startswith(f"error: checkpoint {copied} is damaged: {victim} does not match the checksum")
@@ -364,6 +370,7 @@ def test_generate_with_truncated_arrays(copied, tmp_path, no_compiling):
 
 @pytest.mark.parametrize("kind", ["a file", "not writable"])
 def test_generate_into_an_unusable_output_dir(run, tmp_path, no_compiling, monkeypatch, kind):
+    """generate.py into a file or a read-only folder: one line, before compiling."""
     out = tmp_path / "out"
     if kind == "a file":
         out.write_text("x")
@@ -393,5 +400,6 @@ def test_generate_into_an_unusable_output_dir(run, tmp_path, no_compiling, monke
     ],
 )
 def test_generate_settings_that_were_clamped_are_refused(run, tmp_path, no_compiling, flags, named):
+    """Temperatures <= 0 (or nan) and levels of 0 rounds were silently clamped; now refused."""
     latest = run / "checkpoints" / "latest"
     assert named in generate_refusal("--checkpoint", latest, "--output_dir", tmp_path, *flags)
