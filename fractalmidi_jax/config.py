@@ -91,6 +91,7 @@ class Config:
     save_top_k: int = 3  # checkpoints kept, best by validation loss (plus the latest)
     max_train_minutes: float = 0.0  # stop (saving a checkpoint) after this many minutes (0 = no limit)
     resume_from_checkpoint: str = ""  # checkpoint folder, or <output_dir>/checkpoints/latest|best
+    overwrite: bool = False  # a fresh run into an output_dir with checkpoints deletes them (else refused)
 
     @property
     def num_levels(self) -> int:
@@ -167,6 +168,21 @@ class Config:
             )
         if self.pitch_shift_min > self.pitch_shift_max:
             errors.append("pitch_shift_min must not exceed pitch_shift_max")
+        for name in ("pitch_shift_min", "pitch_shift_max"):
+            if abs(getattr(self, name)) >= NUM_PITCHES:
+                errors.append(
+                    f"{name}={getattr(self, name)} shifts every note off the {NUM_PITCHES} pitches; "
+                    f"use -{NUM_PITCHES - 1}..{NUM_PITCHES - 1} (a few semitones is usual)"
+                )
+        for name in [name for name, kind in _field_types().items() if kind is float]:
+            if not math.isfinite(getattr(self, name)):
+                errors.append(f"{name}={getattr(self, name)} must be a finite number")
+        if not 0.0 < self.mask_ratio_loc <= 1.0:
+            errors.append(
+                f"mask_ratio_loc={self.mask_ratio_loc} must be in (0, 1]: it is a fraction of tokens"
+            )
+        if self.seed < 0:
+            errors.append(f"seed={self.seed} must not be negative")
         if not 0.0 <= self.token_budget <= 1.0:
             errors.append(f"token_budget={self.token_budget} must be in [0, 1] (0 = the mean mask ratio)")
         if self.mask_ratio_scale <= 0:
@@ -213,6 +229,8 @@ class Config:
             parse_devices(self.devices)
         except ValueError as e:
             errors.append(str(e))
+        if len(errors) == 1:
+            raise ConfigError(f"invalid config: {errors[0]}")
         if errors:
             raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
         return self
@@ -244,10 +262,15 @@ def parse_devices(spec: str) -> list[int] | None:
         return None
     try:
         if "," in spec:
-            return [int(s) for s in spec.split(",") if s.strip()]
+            indices = [int(s) for s in spec.split(",") if s.strip()]
+            if len(set(indices)) != len(indices) or min(indices, default=-1) < 0:
+                raise ValueError
+            return indices
         count = int(spec)
     except ValueError:
-        raise ValueError(f"devices={spec!r}; use 'all', a count like 2, or indices like 0,1") from None
+        raise ValueError(
+            f"devices={spec!r}; use 'all', a count like 2, or distinct indices like 0,1"
+        ) from None
     if count < 1:
         raise ValueError(f"devices={spec!r}; a count must be at least 1")
     return list(range(count))

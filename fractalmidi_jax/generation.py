@@ -34,6 +34,7 @@ from fractalmidi_jax import roll as roll_lib
 from fractalmidi_jax import sampler as sampler_lib
 from fractalmidi_jax.config import NUM_PITCHES, Config, ConfigError, from_dict
 from fractalmidi_jax.fractal import build_model
+from fractalmidi_jax.output_dir import OutputDirError, check_writable
 
 MODES = ("unconditional", "continuation", "inpainting")
 
@@ -45,14 +46,17 @@ class GenerationError(ValueError):
 def load_model(checkpoint: str, use_ema: bool = True):
     """(config, graphdef, params) of a checkpoint; clear errors for missing or foreign ones."""
     path = ckpt.resolve(checkpoint)
-    meta = ckpt.read_meta(path)
     try:
-        config = from_dict(ckpt.saved_config(meta)).validate()
-    except (ConfigError, KeyError) as error:
+        config = from_dict(ckpt.read_config(path)).validate()
+    except ConfigError as error:
         raise ckpt.CheckpointError(f"checkpoint {path} has an unreadable config: {error}") from None
     state = ckpt.restore(path, steps.restore_target(config, sharding.make_mesh("1")))
     graphdef, _ = nnx.split(nnx.eval_shape(lambda: build_model(config)))
     params = steps.eval_params(state) if use_ema else state["params"]
+    if not ckpt.is_finite(params):
+        raise ckpt.CheckpointError(
+            f"checkpoint {path} holds NaN or inf weights (its training diverged): generate from an earlier one"
+        )
     return config, graphdef, params, path
 
 
@@ -289,9 +293,18 @@ def main(argv=None) -> None:
     if args.num_samples < 1 or args.batch_size < 1:
         parser.error("--num_samples and --batch_size must be at least 1")
     try:
+        if not args.temperature > 0 or not np.isfinite(args.temperature):
+            raise GenerationError(
+                f"--temperature {args.temperature} must be a positive number (1 = the model's own)"
+            )
+        if args.num_iter_list and min(args.num_iter_list) < 1:
+            rounds = " ".join(map(str, args.num_iter_list))
+            raise GenerationError(f"--num_iter_list {rounds}: every level needs at least 1 round")
+        check_writable(args.output_dir)
         report = generate(args)
-    except (GenerationError, ckpt.CheckpointError, render.AudioUnavailable) as error:
-        sys.exit(f"error: {error}")
+    except (GenerationError, OutputDirError, ckpt.CheckpointError, render.AudioUnavailable) as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
     seconds = report["seconds_per_batch"]
     print(
         f"wrote {report['num_samples']} samples to {args.output_dir} (compile {report['compile_seconds']:.1f} s, "

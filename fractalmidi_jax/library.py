@@ -137,8 +137,10 @@ def _parse_file(path: str, options: midi.ReadOptions, kind: str) -> dict:
         "segments": roll_to_segments(roll_PxT),
         "num_steps": np.int64(score.num_steps),
         "num_notes": np.int64(len(score.notes)),
-        "seconds": np.float64(score.seconds),
+        "seconds": np.float64(score.kept_seconds),
+        "file_seconds": np.float64(score.seconds),
         "capped": np.bool_(score.capped),
+        "warning": np.str_("; ".join(score.warnings)),
     }
 
 
@@ -298,7 +300,8 @@ class RollLibrary:
 
         def keep(index, record):  # the segments themselves stay only as rolls, and only in memory mode
             facts[index] = {
-                name: record[name].item() for name in ("num_steps", "num_notes", "seconds", "capped")
+                name: record[name].item()
+                for name in ("num_steps", "num_notes", "seconds", "file_seconds", "capped", "warning")
             }
             if cache_in_memory:
                 rolls[index] = segments_to_roll(record["segments"], facts[index]["num_steps"])
@@ -338,6 +341,17 @@ class RollLibrary:
         self.num_notes = np.array([facts[i]["num_notes"] for i in usable], np.int64)
         self.seconds = np.array([facts[i]["seconds"] for i in usable], np.float64)
         self.capped = np.array([facts[i]["capped"] for i in usable], bool)
+        self.capped_notes = [
+            f"{listed[i]}: kept its first {facts[i]['num_steps']:,} steps "
+            f"({facts[i]['seconds'] / 3600:,.2f} of {facts[i]['file_seconds'] / 3600:,.2f} hours)"
+            for i in usable
+            if facts[i]["capped"]
+        ]
+        self.warnings = [(listed[i], facts[i]["warning"]) for i in usable if facts[i]["warning"]]
+        for note in self.capped_notes:
+            log.warning("capped %s", note)
+        for path, warning in self.warnings:
+            log.warning("read around a fault in %s: %s", path, warning)
         self._cache_paths = [cache_paths[i] for i in usable]
         self._rolls = [rolls[i] for i in usable] if cache_in_memory else None
         self.load_seconds = time.perf_counter() - started
@@ -367,5 +381,5 @@ class RollLibrary:
             f"{self.num_listed} files listed: {len(self.files)} loaded "
             f"({len(self.files) - self.num_from_cache} parsed, {self.num_from_cache} from cache), "
             f"{len(self.skipped)} skipped{f' ({skipped})' if skipped else ''}, "
-            f"{int(self.capped.sum())} capped; {self.load_seconds:.1f} s"
+            f"{int(self.capped.sum())} capped, {len(self.warnings)} read around a fault; {self.load_seconds:.1f} s"
         )

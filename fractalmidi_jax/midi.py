@@ -21,6 +21,10 @@ Algorithm:
    crossing it are cut. Only the kept notes are ever put on a grid, so an absurd last
    tick costs nothing.
 
+A last track whose length field is short of its End-of-Track (the events go on past the
+declared end) is read on to its End-of-Track when the events parse, and `Score.warnings`
+says so; otherwise the declared length holds.
+
 Notes without a note-off (policy): a note-on on a key that is already sounding on the
 same channel of the same track ends the earlier note at that tick (a re-strike); a
 note still sounding at the end of its track ends at the track's last event tick (and,
@@ -44,7 +48,7 @@ import time
 import numpy as np
 
 STEPS_PER_QUARTER = 4  # one step = one sixteenth note
-PIPELINE_VERSION = 2  # bump whenever read_score's output can change
+PIPELINE_VERSION = 3  # bump whenever read_score's output can change
 
 _DRUM_CHANNEL = 9
 _DEFAULT_TEMPO_US = 500_000  # 120 bpm, the SMF default before any tempo meta
@@ -79,6 +83,8 @@ class Score:
     tempo_bpm: float  # the first tempo of the file (120 if it has none)
     resolution: int  # ticks per quarter note
     capped: bool  # notes beyond max_steps were cut
+    kept_seconds: float = 0.0  # duration of what the roll keeps (= seconds unless capped)
+    warnings: tuple[str, ...] = ()  # faults read around, one line each (e.g. a short track length)
 
 
 def read_score(path, options: ReadOptions = ReadOptions()) -> Score:
@@ -131,6 +137,7 @@ def _parse_smf(data: bytes, options: ReadOptions, deadline: float) -> Score:
 
     notes: list[tuple[int, int, int, int]] = []  # (on_tick, off_tick, pitch, velocity)
     tempos: list[tuple[int, int]] = []  # (tick, microseconds per quarter)
+    warnings: list[str] = []
     drum_notes = 0
     last_tick = 0
     pos = 8 + header_len
@@ -148,7 +155,12 @@ def _parse_smf(data: bytes, options: ReadOptions, deadline: float) -> Score:
             track += 1
             if time.perf_counter() > deadline:
                 raise MidiError(f"time budget of {options.time_budget_s} s exceeded at track {track}")
-            end_tick, drums = _parse_track(data, pos, pos + length, track, options, deadline, notes, tempos)
+            is_last = track == num_tracks and pos + length < len(data)
+            end_tick, drums, found_notes, found_tempos = _parse_track_to_its_end(
+                data, pos, length, track, is_last, options, deadline, warnings
+            )
+            notes += found_notes
+            tempos += found_tempos
             last_tick = max(last_tick, end_tick)
             drum_notes += drums
         pos += length
@@ -162,6 +174,7 @@ def _parse_smf(data: bytes, options: ReadOptions, deadline: float) -> Score:
         raise MidiError("no notes")
     note_array, num_steps, capped = _quantise(np.array(notes, dtype=np.int64), division, options.max_steps)
     tempos.sort(key=lambda t: t[0])  # stable: at equal ticks, file order
+    kept_tick = min(last_tick, -(-options.max_steps * division // STEPS_PER_QUARTER)) if capped else last_tick
     return Score(
         notes=note_array,
         num_steps=num_steps,
@@ -169,7 +182,39 @@ def _parse_smf(data: bytes, options: ReadOptions, deadline: float) -> Score:
         tempo_bpm=60e6 / tempos[0][1] if tempos else 120.0,
         resolution=division,
         capped=capped,
+        kept_seconds=_seconds([t for t in tempos if t[0] <= kept_tick], kept_tick, division),
+        warnings=tuple(warnings),
     )
+
+
+def _parse_track_to_its_end(data, pos, length, track, is_last, options, deadline, warnings):
+    """One MTrk chunk: (last tick, drum notes, notes, tempos). A last track whose declared length
+    stops short of its End-of-Track (events that fail to parse, or no End-of-Track) is read on
+    to the End-of-Track in the bytes that follow, when they parse; a warning says so."""
+    notes, tempos = [], []
+    try:
+        end_tick, drums, end_of_track = _parse_track(
+            data, pos, pos + length, track, options, deadline, notes, tempos
+        )
+    except MidiError as error:
+        failure, end_of_track = error, None
+    else:
+        failure = None
+    if end_of_track is None and is_last:
+        longer_notes, longer_tempos = [], []
+        try:
+            longer = _parse_track(data, pos, len(data), track, options, deadline, longer_notes, longer_tempos)
+        except MidiError:
+            longer = None
+        if longer is not None and longer[2] is not None:
+            warnings.append(
+                f"track {track} declares {length} bytes but its End-of-Track ends {longer[2] - pos - length} "
+                "bytes later; read to the End-of-Track"
+            )
+            return longer[0], longer[1], longer_notes, longer_tempos
+    if failure is not None:
+        raise failure
+    return end_tick, drums, notes, tempos
 
 
 def _read_vlq(data: bytes, pos: int, end: int, where: str) -> tuple[int, int]:
@@ -189,7 +234,8 @@ def _read_vlq(data: bytes, pos: int, end: int, where: str) -> tuple[int, int]:
 def _parse_track(data, pos, end, track, options, deadline, notes, tempos) -> tuple[int, int]:
     """Walk one MTrk chunk data[pos:end], appending its notes and tempos.
 
-    Returns (the track's last event tick, the number of drum notes dropped)."""
+    Returns (the track's last event tick, the number of drum notes dropped, the position after its
+    End-of-Track or None if it has none)."""
     where = f"track {track}"
     include_drums = options.include_drums
     use_pedal = options.sustain_pedal
@@ -200,6 +246,7 @@ def _parse_track(data, pos, end, track, options, deadline, notes, tempos) -> tup
     running = 0
     events = 0
     drums = 0
+    end_of_track = None
     while pos < end:
         delta, pos = _read_vlq(data, pos, end, where)
         tick += delta
@@ -222,6 +269,7 @@ def _parse_track(data, pos, end, track, options, deadline, notes, tempos) -> tup
                         f"declares {length} bytes, {end - pos} remain"
                     )
                 if meta == 0x2F:  # end of track: anything after it is ignored
+                    end_of_track = pos + length
                     break
                 if meta == 0x51 and length == 3:
                     tempo = int.from_bytes(data[pos : pos + 3], "big")
@@ -281,7 +329,7 @@ def _parse_track(data, pos, end, track, options, deadline, notes, tempos) -> tup
                     notes.append((on, tick, key & 0x7F, velocity))
     for key, (on, velocity) in (*sounding.items(), *released.items()):
         notes.append((on, tick, key & 0x7F, velocity))  # no note-off: ends with the track
-    return tick, drums
+    return tick, drums, end_of_track
 
 
 def _quantise(ticks: np.ndarray, resolution: int, max_steps: int) -> tuple[np.ndarray, int, bool]:

@@ -2,7 +2,8 @@
 
 State (a dict, so orbax and optax see plain pytrees): params (float32), ema (if on),
 opt_state, step (micro-batches consumed: the data position), nonfinite (a NaN or inf loss
-was seen since the start; checked on the host before every checkpoint).
+was seen since the start; checked on the host at every logged step; a checkpoint checks the
+state's own arrays, checkpoint.is_finite).
 Random keys: step s uses fold_in(key(seed), s), so a resumed run draws the same masks.
 """
 

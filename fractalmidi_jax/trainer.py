@@ -8,11 +8,18 @@
 4. The loop: dispatch step s + 1 before reading step s's metrics; pull scalars only when
    logging; validate, log images and checkpoint on their schedules; stop cleanly on
    SIGINT/SIGTERM or the time limit (saving a checkpoint), or with a clear message on a
-   non-finite loss (saving nothing, so the last good checkpoint stays the latest).
+   non-finite loss or state (saving nothing, so the last good checkpoint stays the latest).
+   Several processes decide to stop together, at logging and checkpoint steps, so all of
+   them stop at one step and save one checkpoint.
+
+Before any of it, on process 0: the output folder is checked (writable, not a file), locked
+for this run, and a fresh run into a folder that already has checkpoints is refused unless
+--overwrite. `main` turns every such refusal into one line and exit code 2.
 """
 
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -21,6 +28,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from fractalmidi_jax import checkpoint as ckpt
 from fractalmidi_jax import data, midi, render, sharding, steps
@@ -29,6 +37,7 @@ from fractalmidi_jax import roll as roll_lib
 from fractalmidi_jax import sampler as sampler_lib
 from fractalmidi_jax.config import Config, save_yaml
 from fractalmidi_jax.fractal import train_flops_per_sample
+from fractalmidi_jax.output_dir import OutputDirError, RunLock, check_writable
 from fractalmidi_jax.writer import Writer
 
 ARCHITECTURE_FIELDS = (
@@ -43,11 +52,19 @@ ARCHITECTURE_FIELDS = (
     "max_crop_length",
 )
 NUM_IMAGE_SAMPLES = 4
+NONFINITE_ADVICE = (
+    "nothing was saved after it, so the latest checkpoint is the last good one. Try a lower --lr, a "
+    "longer --warmup_steps, --grad_clip, or --precision 32."
+)
 OOM_ADVICE = (
     "out of device memory. Remedies (the guide's): a smaller --train_batch_size (with "
     "--accumulate_grad_batches to keep the effective batch), --grad_checkpoint, --precision bf16, "
     "or a shorter --crop_length."
 )
+
+
+class RunError(ValueError):
+    """A run that cannot start as configured; the message says what to change."""
 
 
 def log(message: str) -> None:
@@ -66,14 +83,17 @@ def resolve_data(spec: str, split: str) -> str:
 
 def load_library(spec: str, split: str, config: Config) -> rolls.RollLibrary:
     options = midi.ReadOptions(include_drums=config.include_drums, sustain_pedal=config.sustain_pedal)
-    library = rolls.RollLibrary(
-        resolve_data(spec, split),
-        options,
-        config.roll,
-        cache_dir=config.cache_dir or None,
-        cache_in_memory=config.cache_in_memory,
-        num_workers=min(os.cpu_count() or 1, 8),
-    )
+    try:
+        library = rolls.RollLibrary(
+            resolve_data(spec, split),
+            options,
+            config.roll,
+            cache_dir=config.cache_dir or None,
+            cache_in_memory=config.cache_in_memory,
+            num_workers=min(os.cpu_count() or 1, 8),
+        )
+    except (OSError, ValueError) as error:
+        raise RunError(f"{split} data: {error}") from None
     log(f"{split} data: {library.summary()}")
     return library
 
@@ -88,18 +108,28 @@ def _check_architecture(saved: dict, config: Config, path: Path) -> None:
             )
 
 
+def resume_source(config: Config) -> tuple[Path, dict, dict] | None:
+    """(path, meta, saved config) of the checkpoint to resume from, checked to fit this model;
+    None for a fresh run. Cheap: the arrays are checked when they are restored."""
+    if not config.resume_from_checkpoint:
+        return None
+    path = ckpt.resolve(config.resume_from_checkpoint)
+    meta, saved_config = ckpt.read_meta(path), ckpt.read_config(path)
+    _check_architecture(saved_config, config, path)
+    return path, meta, saved_config
+
+
 def initial_state(config: Config, mesh):
     """(graphdef, state placed on the mesh, restored-from path or None)."""
     graphdef, fresh = steps.init_state(config)
-    if not config.resume_from_checkpoint:
+    source = resume_source(config)
+    if source is None:
         return graphdef, steps.place_state(fresh, mesh), None
-    path = ckpt.resolve(config.resume_from_checkpoint)
-    meta = ckpt.read_meta(path)
-    _check_architecture(ckpt.saved_config(meta), config, path)
-    saved_ema = meta["config"].get("ema_decay", 0) > 0
+    path, meta, saved_config = source
+    saved_ema = saved_config.get("ema_decay", 0) > 0
     target = steps.restore_target(config.replace(ema_decay=config.ema_decay if saved_ema else 0.0), mesh)
     restored = ckpt.restore(path, target)
-    if meta["config"]["crop_length"] == config.crop_length:
+    if saved_config.get("crop_length") == config.crop_length:
         if "ema" not in fresh:
             restored.pop("ema", None)
         elif "ema" not in restored:
@@ -111,7 +141,7 @@ def initial_state(config: Config, mesh):
     if "ema" in fresh:
         fresh["ema"] = jax.tree.map(jnp.copy, restored.get("ema", restored["params"]))
     log(
-        f"fine-tuning from {path} (step {meta['step']}, trained on crop_length {meta['config']['crop_length']}) "
+        f"fine-tuning from {path} (step {meta['step']}, trained on crop_length {saved_config.get('crop_length')}) "
         f"at crop_length {config.crop_length}: restored weights and EMA; optimizer, learning-rate schedule and "
         "data stream start at step 0"
     )
@@ -194,14 +224,68 @@ def log_images(writer: Writer, step: int, config: Config, params, val_crops) -> 
         writer.image(step, "samples/validation", pictures(val_crops[:NUM_IMAGE_SAMPLES]))
 
 
+def claim_output_dir(config: Config) -> RunLock:
+    """Checks and locks the output folder for this run (process 0); refuses a fresh run into a
+    folder with another run's checkpoints unless --overwrite, which deletes them."""
+    source = resume_source(config)  # a checkpoint that cannot be resumed fails before anything is written
+    output_dir = check_writable(config.output_dir, create=True)
+    lock = RunLock(output_dir)
+    try:
+        checkpoints = output_dir / "checkpoints"
+        existing = ckpt.list_checkpoints(checkpoints)
+        if existing and not (source and source[0].parent == checkpoints.resolve()):
+            if not config.overwrite:
+                raise OutputDirError(
+                    f"--output_dir {output_dir} already has checkpoints (latest {existing[-1].name}): resume "
+                    f"them with --resume_from_checkpoint {checkpoints / 'latest'}, choose another --output_dir, "
+                    "or pass --overwrite to delete them and start afresh"
+                )
+            shutil.rmtree(checkpoints)
+            log(f"--overwrite: deleted {len(existing)} checkpoint(s) of an earlier run in {checkpoints}")
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def agreed_stop(reason: str) -> str:
+    """The stop decision of all processes together: every process stops if one of them wants to
+    (a signal or its clock). One tiny all-gather; single-process runs decide alone."""
+    if jax.process_count() == 1:
+        return reason
+    wants = multihost_utils.process_allgather(np.int32(bool(reason)))
+    return reason or ("another process is stopping" if np.any(wants) else "")
+
+
 def train(config: Config) -> Path:
     """Runs training as configured; returns the output folder."""
     sharding.maybe_initialize_distributed()
-    output_dir = Path(config.output_dir)
+    lock = claim_output_dir(config) if jax.process_index() == 0 else None
+    try:
+        return _train(config, Path(config.output_dir))
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def main(config: Config) -> None:
+    """train.py: a run that cannot start, or a checkpoint that cannot be read or written, ends
+    with one line naming the problem and the fix, and exit code 2."""
+    try:
+        train(config)
+    except (RunError, OutputDirError, ckpt.CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def _train(config: Config, output_dir: Path) -> Path:
+    try:
+        mesh = sharding.make_mesh(config.devices)  # before the data: a bad --devices fails at once
+    except ValueError as error:
+        raise RunError(str(error)) from None
     train_library = load_library(config.train_data, "train", config)
     val_library = load_library(config.val_data, "valid", config) if config.val_data else None
 
-    mesh = sharding.make_mesh(config.devices)
     num_devices = mesh.devices.size
     global_batch = config.train_batch_size * num_devices
     graphdef, state, restored_from = initial_state(config, mesh)
@@ -212,7 +296,6 @@ def train(config: Config) -> Path:
         f"{train_flops_per_sample(config, config.crop_length) / 1e9:.1f} GFLOP per training sample"
     )
     if jax.process_index() == 0:
-        output_dir.mkdir(parents=True, exist_ok=True)
         save_yaml(config, output_dir / "config.yaml")
     log("config:\n  " + "\n  ".join(f"{k}: {v}" for k, v in config.to_dict().items()))
 
@@ -238,6 +321,8 @@ def train(config: Config) -> Path:
     )
     writer = Writer(output_dir, config)
     manager = ckpt.CheckpointManager(output_dir / "checkpoints", config.save_top_k)
+    if manager.orphans_removed:
+        log(f"removed {len(manager.orphans_removed)} unfinished save(s) an earlier run left behind")
     stop = StopRequest()
     key = jax.random.key(config.seed)
     micro_steps = config.max_steps * config.accumulate_grad_batches
@@ -249,9 +334,13 @@ def train(config: Config) -> Path:
         return micro_step // config.accumulate_grad_batches
 
     def save(micro_step: int) -> None:
-        if bool(jax.device_get(state["nonfinite"])):
-            return
-        path = manager.save(optimizer_step(micro_step), state, val_loss, dict(meta, micro_step=micro_step))
+        opt_step = optimizer_step(micro_step)
+        try:
+            path = manager.save(opt_step, state, val_loss, dict(meta, micro_step=micro_step))
+        except ckpt.NonFiniteState:
+            raise SystemExit(
+                f"error: the weights or optimizer state became NaN or inf by step {opt_step}; {NONFINITE_ADVICE}"
+            ) from None
         log(f"\ncheckpoint {path.name} saving")
 
     progress = Progress(micro_steps, start_step)
@@ -269,21 +358,28 @@ def train(config: Config) -> Path:
                 if step % config.accumulate_grad_batches and not done:
                     continue
                 opt_step = optimizer_step(step)
-                if (config.log_every_n_steps and opt_step % config.log_every_n_steps == 0) or done:
+                due = lambda every, at=opt_step: every and at % every == 0
+                if due(config.log_every_n_steps) or done:
                     values = _mean_metrics(pending)
                     if not math.isfinite(values["loss"]) or bool(jax.device_get(state["nonfinite"])):
                         raise SystemExit(
-                            f"error: the training loss became {values['loss']} by step {opt_step}; nothing was saved "
-                            f"after it, so the latest checkpoint is the last good one. Try a lower --lr, a "
-                            f"longer --warmup_steps, --grad_clip, or --precision 32."
+                            f"error: the training loss became {values['loss']} by step {opt_step}; {NONFINITE_ADVICE}"
                         )
                     now = time.perf_counter()
                     values["samples_per_s"] = len(pending) * global_batch / (now - last_log)
                     writer.scalars(opt_step, {f"train/{k}": v for k, v in values.items()})
                     progress.update(step, values["loss"])
                     pending, last_log = [], now
-                due = lambda every, at=opt_step: every and at % every == 0
-                if val_batches and (due(config.val_check_interval_steps) or done):
+                over_time = (
+                    config.max_train_minutes and time.perf_counter() - started > 60 * config.max_train_minutes
+                )
+                stop_reason = stop.reason or ("max_train_minutes reached" if over_time else "")
+                if jax.process_count() > 1:  # processes agree where they meet anyway: logs, checkpoints
+                    meeting = due(config.log_every_n_steps) or due(config.checkpoint_every_n_steps) or done
+                    stop_reason = agreed_stop(stop_reason) if meeting else ""
+                checkpoint_due = due(config.checkpoint_every_n_steps) or done or stop_reason
+                validating = config.val_check_interval_steps and checkpoint_due  # names carry their own loss
+                if val_batches and (due(config.val_check_interval_steps) or done or validating):
                     val_loss = validate(
                         eval_step,
                         steps.eval_params(state),
@@ -297,13 +393,10 @@ def train(config: Config) -> Path:
                     log(f"validation at step {opt_step}: loss {val_loss:.4f} nats per cell")
                 if due(config.log_images_every_n_steps):
                     log_images(writer, opt_step, config, steps.eval_params(state), val_crops)
-                over_time = (
-                    config.max_train_minutes and time.perf_counter() - started > 60 * config.max_train_minutes
-                )
-                if due(config.checkpoint_every_n_steps) or done or stop.reason or over_time:
+                if checkpoint_due:
                     save(step)
-                if stop.reason or over_time:
-                    log(f"stopping at step {opt_step}: {stop.reason or 'max_train_minutes reached'}")
+                if stop_reason:
+                    log(f"stopping at step {opt_step}: {stop_reason}")
                     break
         except jax.errors.JaxRuntimeError as error:
             if "RESOURCE_EXHAUSTED" in str(error) or "out of memory" in str(error).lower():

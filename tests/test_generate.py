@@ -1,5 +1,7 @@
 """generate.py's modes, outputs and errors, with a checkpoint of a tiny 2-step training run (CPU)."""
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -65,9 +67,12 @@ def generate(checkpoint, out, *flags) -> dict:
 
 
 def error_of(*argv) -> str:
-    with pytest.raises(SystemExit) as stopped:
+    """What generation.main writes to stderr before it exits with code 2."""
+    stderr = io.StringIO()
+    with pytest.raises(SystemExit) as stopped, contextlib.redirect_stderr(stderr):
         generation.main([str(a) for a in argv])
-    return str(stopped.value.code)
+    assert stopped.value.code == 2
+    return stderr.getvalue().strip()
 
 
 def test_unconditional_writes_midi_pictures_and_report(checkpoint, tmp_path, rolls, capsys):

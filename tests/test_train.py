@@ -165,8 +165,11 @@ def test_resume_is_exact(runs, config):
     )
     assert sorted(first["train/loss"]) == list(range(1, N + 1))
     assert sorted(second["train/loss"]) == list(range(N + 1, 2 * N + 1))
-    for tag in ("train/loss", "train/grad_norm", "train/lr", "val/loss"):
+    for tag in ("train/loss", "train/grad_norm", "train/lr"):
         assert full_scalars[tag] == {**first[tag], **second[tag]}, tag
+    split_val = {**first["val/loss"], **second["val/loss"]}  # plus step N's, validated for its checkpoint
+    assert sorted(split_val) == sorted([*full_scalars["val/loss"], N])
+    assert full_scalars["val/loss"] == {s: v for s, v in split_val.items() if s != N}
 
 
 def test_resume_is_exact_with_gradient_accumulation(config, tmp_path, monkeypatch):
@@ -207,7 +210,7 @@ def test_tensorboard_logs(runs, config):
     assert yaml.safe_load((logs / "version_1" / "hparams.yaml").read_text())["resume_from_checkpoint"]
     scalars, images = read_events(logs / "version_0")
     assert {"train/loss", "train/lr", "train/grad_norm", "train/samples_per_s", "val/loss"} <= scalars.keys()
-    assert sorted(scalars["val/loss"]) == [2]
+    assert sorted(scalars["val/loss"]) == [2, 3]  # every 2 steps, and at the stop's checkpoint
     assert all(np.isfinite(v) for v in scalars["train/loss"].values())
     assert images == set()
     _, images = read_events(runs / "full" / "logs" / "version_0")
@@ -302,9 +305,9 @@ def test_no_usable_training_file_stops_before_compiling(tmp_path, monkeypatch):
 
 
 def test_nan_loss_stops_without_saving(config, tmp_path, monkeypatch):
-    """A non-finite loss (weights poisoned before step 2, as an overflow would) stops the run with
-    the advice message at the next logged step; the checkpoint due at step 2 is not written, so
-    `latest` stays at the last good one (step 1)."""
+    """Weights poisoned before step 2 (as an overflow would) stop the run with the advice message
+    when the checkpoint due at step 2 finds them non-finite; it is not written, so `latest` stays
+    at the last good one (step 1)."""
     real = steps.make_train_step
 
     def make_train_step(graphdef, config, mesh):
@@ -324,7 +327,7 @@ def test_nan_loss_stops_without_saving(config, tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as stopped:
         trainer.train(config.replace(output_dir=str(out), **changes))
     message = str(stopped.value.code)
-    assert "the training loss became nan by step 3" in message
+    assert "the weights or optimizer state became NaN or inf by step 2" in message
     assert "the latest checkpoint is the last good one" in message and "--lr" in message
     assert [ckpt.read_meta(p)["step"] for p in ckpt.list_checkpoints(out / "checkpoints")] == [1]
     assert ckpt.resolve(out / "checkpoints" / "latest").name == "step_00000001"
