@@ -3,7 +3,7 @@
     python -m fractalmidi_jax.evaluate music --generated DIR --reference LIST_OR_DIR \\
         [--out OUT.json] [--png OUT.png] [--bootstrap 500] [--seed 0]
     python -m fractalmidi_jax.evaluate copying --generated DIR --train LIST_OR_DIR \\
-        [--threshold 0.8] [--max-shift 12] [--out OUT.json]
+        [--threshold 0.8] [--max_shift 12] [--out OUT.json]
     python -m fractalmidi_jax.evaluate nll --checkpoint C --data LIST_OR_DIR --crop_length W \\
         [--crops_per_file 8] [--draws 4] [--batch_size 64] [--seed 0] [--out OUT.json]
 
@@ -27,6 +27,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from fractalmidi_jax import music_stats
+from fractalmidi_jax.cli import Parser
 
 GENERATED_COLOUR = (230, 120, 30)
 REFERENCE_COLOUR = (40, 100, 190)
@@ -170,7 +171,7 @@ def _add_copying(subparsers) -> None:
     p.add_argument("--generated", required=True, help="folder or .txt list of generated MIDI files")
     p.add_argument("--train", required=True, help="folder or .txt list of the training MIDI files")
     p.add_argument("--threshold", type=float, default=0.8, help="IoU at or above which a bar is a near copy")
-    p.add_argument("--max-shift", type=int, default=12, help="pitch shifts -max..max semitones are tried")
+    p.add_argument("--max_shift", type=int, default=12, help="pitch shifts -max..max semitones are tried")
     p.add_argument(
         "--min-cells", type=int, default=1, help="generated bars with fewer sounding cells are not checked"
     )
@@ -318,9 +319,7 @@ def _run_nll(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m fractalmidi_jax.evaluate", description=__doc__.split("\n")[0]
-    )
+    parser = Parser(description=__doc__.split("\n")[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_music(subparsers)
     _add_copying(subparsers)

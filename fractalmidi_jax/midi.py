@@ -8,7 +8,9 @@ variable-length quantities stop at 4 bytes, and the event loop checks a time bud
 Algorithm:
 1. Each track is walked once. Note-ons are paired with note-offs per (channel, key)
    in that track (a note-on of velocity 0 is a note-off); tempo metas of every track
-   form the tempo map. Channel 10 (index 9) holds drums, dropped unless include_drums.
+   form the tempo map, and time-signature metas the meter (`Score.time_signatures`, whose
+   first entry sets `Score.bar_steps`). Channel 10 (index 9) holds drums, dropped unless
+   include_drums.
 2. Ticks become steps, never seconds: step = round(tick * 4 / resolution) (half up,
    in integer arithmetic, so odd resolutions and huge ticks are exact); a note ends at
    round(off_tick * 4 / resolution) but lasts at least one step, so notes shorter than
@@ -91,6 +93,17 @@ class Score:
     tempo_bpm: float  # the first tempo of the file (120 if it has none)
     resolution: int  # ticks per quarter note
     capped: bool  # notes beyond max_steps were cut
+    time_signatures: tuple[tuple[int, int, int], ...] = ()  # (step, numerator, denominator), by step
+
+    @property
+    def bar_steps(self) -> int:
+        """Steps in a bar of the piece's first time signature (16 = 4/4, the default; 12 = 3/4)."""
+        return bar_steps(*self.time_signatures[0][1:]) if self.time_signatures else 16
+
+
+def bar_steps(numerator: int, denominator: int) -> int:
+    """Sixteenth-note steps in a bar of numerator/denominator (3/4 -> 12, 6/8 -> 12), at least 1."""
+    return max(1, round(numerator * 4 * STEPS_PER_QUARTER / denominator))
 
 
 def read_score(path, options: ReadOptions = ReadOptions()) -> Score:
@@ -143,6 +156,7 @@ def _parse_smf(data: bytes, options: ReadOptions, deadline: float) -> Score:
 
     notes: list[tuple[int, int, int, int]] = []  # (on_tick, off_tick, pitch, velocity)
     tempos: list[tuple[int, int]] = []  # (tick, microseconds per quarter)
+    meters: list[tuple[int, int, int]] = []  # (tick, numerator, denominator)
     drum_notes = 0
     last_tick = 0
     pos = 8 + header_len
@@ -160,7 +174,9 @@ def _parse_smf(data: bytes, options: ReadOptions, deadline: float) -> Score:
             track += 1
             if time.perf_counter() > deadline:
                 raise MidiError(f"time budget of {options.time_budget_s} s exceeded at track {track}")
-            end_tick, drums = _parse_track(data, pos, pos + length, track, options, deadline, notes, tempos)
+            end_tick, drums = _parse_track(
+                data, pos, pos + length, track, options, deadline, notes, tempos, meters
+            )
             last_tick = max(last_tick, end_tick)
             drum_notes += drums
         pos += length
@@ -181,6 +197,7 @@ def _parse_smf(data: bytes, options: ReadOptions, deadline: float) -> Score:
         tempo_bpm=60e6 / tempos[0][1] if tempos else 120.0,
         resolution=division,
         capped=capped,
+        time_signatures=_meter_steps(meters, division),
     )
 
 
@@ -198,8 +215,8 @@ def _read_vlq(data: bytes, pos: int, end: int, where: str) -> tuple[int, int]:
     raise MidiError(f"bad variable-length quantity in {where} (longer than 4 bytes)")
 
 
-def _parse_track(data, pos, end, track, options, deadline, notes, tempos) -> tuple[int, int]:
-    """Walk one MTrk chunk data[pos:end], appending its notes and tempos.
+def _parse_track(data, pos, end, track, options, deadline, notes, tempos, meters) -> tuple[int, int]:
+    """Walk one MTrk chunk data[pos:end], appending its notes, tempos and time signatures.
 
     Returns (the track's last event tick, the number of drum notes dropped)."""
     where = f"track {track}"
@@ -240,6 +257,8 @@ def _parse_track(data, pos, end, track, options, deadline, notes, tempos) -> tup
                     if tempo == 0:
                         raise MidiError(f"zero tempo in {where} at tick {tick}")
                     tempos.append((tick, tempo))
+                if meta == 0x58 and length >= 2 and data[pos] > 0 and data[pos + 1] < 8:
+                    meters.append((tick, data[pos], 1 << data[pos + 1]))  # numerator, 2 ** power
             elif status in (0xF0, 0xF7):
                 length, pos = _read_vlq(data, pos, end, where)
                 if length > end - pos:
@@ -315,6 +334,14 @@ def _quantise(ticks: np.ndarray, resolution: int, max_steps: int) -> tuple[np.nd
         axis=1,
     ).astype(np.int32)
     return merged, int(merged[:, 1].max()), capped
+
+
+def _meter_steps(meters: list[tuple[int, int, int]], resolution: int) -> tuple[tuple[int, int, int], ...]:
+    """Time signatures on the step grid, sorted, one per step (the last one at a step wins)."""
+    by_step = {}
+    for tick, numerator, denominator in sorted(meters, key=lambda m: m[0]):
+        by_step[(tick * 8 + resolution) // (2 * resolution)] = (numerator, denominator)
+    return tuple((step, *meter) for step, meter in sorted(by_step.items()))
 
 
 def _seconds(tempos: list[tuple[int, int]], last_tick: int, resolution: int) -> float:
@@ -393,11 +420,18 @@ def roll_to_notes(
     return notes[np.lexsort((notes[:, 2], notes[:, 0]))].astype(np.int32)
 
 
-def write_midi(path, notes, tempo_bpm: float = 120.0, program: int = 0) -> None:
+def write_midi(path, notes, tempo_bpm: float = 120.0, program: int = 0, time_signature=(4, 4)) -> None:
     """Write (onset, end, pitch, velocity) rows as one piano track; one step = a sixteenth at tempo_bpm."""
+    to_pretty_midi(notes, tempo_bpm, program, time_signature).write(str(path))
+
+
+def to_pretty_midi(notes, tempo_bpm: float = 120.0, program: int = 0, time_signature=(4, 4)):
+    """(onset, end, pitch, velocity) rows as a pretty_midi.PrettyMIDI of one piano track, in
+    time_signature (numerator, denominator) from the start."""
     import pretty_midi  # imported here: reading never needs it
 
     midi = pretty_midi.PrettyMIDI(resolution=_WRITE_RESOLUTION, initial_tempo=float(tempo_bpm))
+    midi.time_signature_changes.append(pretty_midi.TimeSignature(*map(int, time_signature), 0.0))
     instrument = pretty_midi.Instrument(program=program, name="Piano")
     seconds_per_step = 60.0 / (float(tempo_bpm) * STEPS_PER_QUARTER)
     for onset, end, pitch, velocity in np.asarray(notes, dtype=np.int64).reshape(-1, 4).tolist():
@@ -407,7 +441,7 @@ def write_midi(path, notes, tempo_bpm: float = 120.0, program: int = 0) -> None:
             )
         )
     midi.instruments.append(instrument)
-    midi.write(str(path))
+    return midi
 
 
 def roundtrip_stats(paths, options: ReadOptions = ReadOptions()) -> dict:

@@ -9,9 +9,12 @@ import numpy as np
 from fractalmidi_jax.config import Config, save_yaml
 
 
-def next_version_dir(logs: Path) -> Path:
-    taken = [int(p.name.split("_")[1]) for p in logs.glob("version_*") if p.name.split("_")[1].isdigit()]
-    return logs / f"version_{max(taken, default=-1) + 1}"
+def next_numbered_dir(parent: Path, prefix: str) -> Path:
+    """parent/<prefix>_N for the first N above every one taken (logs' version_N, generate's run_N)."""
+    taken = [
+        int(p.name.split("_")[-1]) for p in parent.glob(f"{prefix}_*") if p.name.split("_")[-1].isdigit()
+    ]
+    return parent / f"{prefix}_{max(taken, default=-1) + 1}"
 
 
 class Writer:
@@ -22,7 +25,7 @@ class Writer:
             return
         from tensorboardX import SummaryWriter
 
-        self.directory = next_version_dir(Path(output_dir) / "logs")
+        self.directory = next_numbered_dir(Path(output_dir) / "logs", "version")
         self.directory.mkdir(parents=True)
         save_yaml(config, self.directory / "hparams.yaml")
         self.summary = SummaryWriter(str(self.directory))
