@@ -39,6 +39,7 @@ class Parser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)
         kwargs.setdefault("prog", _program_name())
+        kwargs.setdefault("allow_abbrev", False)  # --max_step must not quietly mean --max_steps
         super().__init__(*args, **kwargs)
 
     def known_flags(self) -> list[str]:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from fractalmidi_jax import music_stats
+from fractalmidi_jax import music_stats, progress
 from fractalmidi_jax.cli import Parser
 
 GENERATED_COLOUR = (230, 120, 30)
@@ -35,7 +35,8 @@ REFERENCE_COLOUR = (40, 100, 190)
 
 def _load(source: str, what: str):
     """(name, notes) pairs of the files named by a folder or list, reporting skips."""
-    loaded, skipped = music_stats.load_notes(music_stats.midi_paths(source))
+    paths = music_stats.midi_paths(source)
+    loaded, skipped = music_stats.load_notes(progress.track(paths, f"reading --{what}", len(paths)))
     for path, reason in skipped:
         print(f"skip {path}: {reason}", file=sys.stderr)
     if not loaded:
@@ -173,7 +174,7 @@ def _add_copying(subparsers) -> None:
     p.add_argument("--threshold", type=float, default=0.8, help="IoU at or above which a bar is a near copy")
     p.add_argument("--max_shift", type=int, default=12, help="pitch shifts -max..max semitones are tried")
     p.add_argument(
-        "--min-cells", type=int, default=1, help="generated bars with fewer sounding cells are not checked"
+        "--min_cells", type=int, default=1, help="generated bars with fewer sounding cells are not checked"
     )
     p.add_argument("--out", help="write the full result (every bar's best match) as JSON here")
     p.set_defaults(func=_run_copying)
@@ -258,7 +259,7 @@ def nll(
     batches = data.eval_batches(crops, global_batch, jax.process_index(), jax.process_count())
     eval_step = steps.make_eval_step(graphdef, config, mesh)
     per_draw = []
-    for draw in range(draws):
+    for draw in progress.track(range(draws), "scoring masking draws", draws):
         key = jax.random.fold_in(jax.random.key(seed), draw)
         total = cells = 0.0
         for i, batch in enumerate(batches):

@@ -21,6 +21,7 @@ always something to listen to. `audio_backend` says which one will play, and why
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import shutil
@@ -263,12 +264,19 @@ def save_wav(path, midi_path, soundfont=None, sample_rate: int = 44100) -> str:
         _fluidsynth_wav(path, midi_path, font, sample_rate)
         return backend
     samples, _ = audio(midi_path, None, sample_rate)
-    with wave.open(str(path), "wb") as f:
+    Path(path).write_bytes(wav_bytes(samples, sample_rate))
+    return backend
+
+
+def wav_bytes(samples, sample_rate: int) -> bytes:
+    """Mono float samples in [-1, 1] as the bytes of a 16-bit WAV file."""
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as f:
         f.setnchannels(1)
         f.setsampwidth(2)
-        f.setframerate(sample_rate)
+        f.setframerate(int(sample_rate))
         f.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
-    return backend
+    return buffer.getvalue()
 
 
 def _fluidsynth_wav(path, midi_path, font: Path, sample_rate: int) -> None:

@@ -15,6 +15,7 @@ import math
 import os
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fractalmidi_jax import checkpoint as ckpt
-from fractalmidi_jax import data, midi, render, sharding, steps
+from fractalmidi_jax import data, midi, progress, render, sharding, steps
 from fractalmidi_jax import library as rolls
 from fractalmidi_jax import sampler as sampler_lib
 from fractalmidi_jax.config import Config, save_yaml
@@ -40,6 +41,8 @@ ARCHITECTURE_FIELDS = (
     "max_crop_length",
 )
 NUM_IMAGE_SAMPLES = 4
+IMAGE_SCALE = 2  # pixels per cell in TensorBoard pictures: a 128 x 128 crop is 256 x 256
+AUDIO_SAMPLE_RATE = 16000  # enough for piano, small in the event file
 OOM_ADVICE = (
     "out of device memory. Remedies (the guide's): a smaller --train_batch_size (with "
     "--accumulate_grad_batches to keep the effective batch), --grad_checkpoint, --precision bf16, "
@@ -135,7 +138,8 @@ class StopRequest:
 
 
 class Progress:
-    """One line, rewritten in place: step, loss, steps/s, time left."""
+    """One line, rewritten in place on a terminal: optimizer step (as TensorBoard counts them, so
+    with --accumulate_grad_batches k one step is k batches), loss, steps/s, time left."""
 
     def __init__(self, total: int, start: int):
         self.total, self.start_step, self.start_time = total, start, time.perf_counter()
@@ -173,7 +177,8 @@ def validate(eval_step, params, batches, mesh, seed: int, limit: int) -> float:
     """NLL estimate in nats per cell over the fixed validation crops (the same masks every time)."""
     total = cells = 0.0
     key = jax.random.key(seed + 1)
-    for i, batch in enumerate(batches[:limit] if limit else batches):
+    chosen = batches[:limit] if limit else batches
+    for i, batch in enumerate(progress.track(chosen, "validating", len(chosen))):
         placed = sharding.global_batch(mesh, batch)
         loss_sum, reached = eval_step(params, placed["roll"], placed["weight"], jax.random.fold_in(key, i))
         total, cells = total + float(loss_sum), cells + float(reached)
@@ -181,12 +186,23 @@ def validate(eval_step, params, batches, mesh, seed: int, limit: int) -> float:
 
 
 def log_images(writer: Writer, step: int, config: Config, params, val_crops) -> None:
+    """Pictures of generated samples and validation crops (two pixels a cell, bar lines drawn),
+    and each generated sample's sound (FluidSynth if installed, else pretty_midi's synthesiser)."""
     run = sampler_lib.make_sampler(config, config.num_iter_list)
     cells, known = sampler_lib.unconditional_inputs(NUM_IMAGE_SAMPLES, config.crop_length)
     rolls, _ = run(params, cells, known, jax.random.key(config.seed + step), jnp.float32(1.0))
-    writer.image(step, "samples/generated", render.grid_image(np.asarray(rolls)))
+    rolls = np.asarray(rolls)
+    writer.image(step, "samples/generated", render.grid_image(rolls, scale=IMAGE_SCALE))
     if val_crops is not None:
-        writer.image(step, "samples/validation", render.grid_image(val_crops[:NUM_IMAGE_SAMPLES]))
+        writer.image(
+            step, "samples/validation", render.grid_image(val_crops[:NUM_IMAGE_SAMPLES], scale=IMAGE_SCALE)
+        )
+    with tempfile.TemporaryDirectory() as folder:
+        for k, roll in enumerate(rolls):
+            path = Path(folder) / f"sample_{k}.mid"
+            midi.write_midi(path, midi.roll_to_notes(roll))
+            sound, _ = render.audio(path, sample_rate=AUDIO_SAMPLE_RATE)
+            writer.audio(step, f"samples/generated_{k}", sound, AUDIO_SAMPLE_RATE)
 
 
 def train(config: Config) -> Path:
@@ -249,7 +265,7 @@ def train(config: Config) -> Path:
         path = manager.save(optimizer_step(micro_step), state, val_loss, dict(meta, micro_step=micro_step))
         log(f"\ncheckpoint {path.name} saving")
 
-    progress = Progress(micro_steps, start_step)
+    status_line = Progress(config.max_steps, optimizer_step(start_step))
     pending, last_log = [], time.perf_counter()
     started = time.perf_counter()
     step = start_step
@@ -275,7 +291,7 @@ def train(config: Config) -> Path:
                     now = time.perf_counter()
                     values["samples_per_s"] = len(pending) * global_batch / (now - last_log)
                     writer.scalars(opt_step, {f"train/{k}": v for k, v in values.items()})
-                    progress.update(step, values["loss"])
+                    status_line.update(opt_step, values["loss"])
                     pending, last_log = [], now
                 due = lambda every, at=opt_step: every and at % every == 0
                 if val_batches and (due(config.val_check_interval_steps) or done):
@@ -288,7 +304,7 @@ def train(config: Config) -> Path:
                         config.num_val_batches,
                     )
                     writer.scalars(opt_step, {"val/loss": val_loss})
-                    progress.newline()
+                    status_line.newline()
                     log(f"validation at step {opt_step}: loss {val_loss:.4f} nats per cell")
                 if due(config.log_images_every_n_steps):
                     log_images(writer, opt_step, config, steps.eval_params(state), val_crops)
@@ -305,7 +321,7 @@ def train(config: Config) -> Path:
                 raise SystemExit(f"error: {OOM_ADVICE}\n({str(error).splitlines()[0][:200]})") from None
             raise
         finally:
-            progress.newline()
+            status_line.newline()
             stop.restore()
             manager.close()
             writer.close()
