@@ -1,5 +1,6 @@
-"""What generate.py does: load a checkpoint, build the canvas a mode asks for, run the jitted
-sampler in batches, and write MIDI (plus pictures, GIFs and audio when asked) and one JSON.
+"""Generation: the Python API (`Generator`, `load`) and what generate.py does with it: load a
+checkpoint, build the canvas a mode asks for, run the jitted sampler in batches, and write MIDI
+(plus pictures, GIFs and audio when asked), one JSON and an index.html into a fresh run folder.
 
 Modes:
 - unconditional: an empty canvas.
