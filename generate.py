@@ -1,11 +1,10 @@
 """Generate MIDI with a trained model: python generate.py --checkpoint <dir> [--mode ...]
 
-`python generate.py --help` lists the flags; the README's generation guide shows each mode.
+The same as the `fractalmidi-generate` command; `python generate.py --help` lists the flags and
+the README's generation guide shows each mode.
 """
 
-from fractalmidi_jax.config import use_compilation_cache
 from fractalmidi_jax.generation import main
 
 if __name__ == "__main__":
-    use_compilation_cache()
     main()

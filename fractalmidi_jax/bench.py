@@ -13,7 +13,6 @@ matmul and attention FLOPs the budgets compute (fractal.train_flops_per_sample) 
 chip's dense bf16 peak.
 """
 
-import argparse
 import json
 import statistics
 import time
@@ -25,6 +24,7 @@ import numpy as np
 from fractalmidi_jax import roll as roll_lib
 from fractalmidi_jax import sampler as sampler_lib
 from fractalmidi_jax import sharding, steps
+from fractalmidi_jax.cli import Parser
 from fractalmidi_jax.config import Config
 from fractalmidi_jax.fractal import train_flops_per_sample
 
@@ -201,9 +201,7 @@ def _format_row(row: dict) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = Parser(description=__doc__)
     parser.add_argument(
         "--only", nargs="*", default=[], help="run the cases whose name contains any of these"
     )

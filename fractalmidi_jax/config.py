@@ -8,15 +8,21 @@ before anything is compiled.
 """
 
 import argparse
+import ast
 import dataclasses
+import functools
+import inspect
+import io
 import math
 import os
-import sys
+import textwrap
+import tokenize
 import typing
 from pathlib import Path
 
 import yaml
 
+from fractalmidi_jax.cli import Parser
 from fractalmidi_jax.roll import KINDS as ROLL_KINDS
 from fractalmidi_jax.roll import NUM_PITCHES
 
@@ -248,9 +254,12 @@ def cache_root() -> Path:
 
 def use_compilation_cache() -> None:
     """Keep compiled XLA programs under cache_root()/xla, so a second run with the same shapes
-    (another generate.py call, a resumed training) skips its compiles."""
+    (another generate.py call, a resumed training) skips its compiles. A cache folder already
+    chosen (JAX_COMPILATION_CACHE_DIR, or a test's) is kept."""
     import jax
 
+    if jax.config.jax_compilation_cache_dir:
+        return
     jax.config.update("jax_compilation_cache_dir", str(cache_root() / "xla"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
@@ -356,27 +365,64 @@ def save_yaml(config: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.print_usage(sys.stderr)
-        valid = " ".join(f"--{name}" for name in sorted(_field_types()))
-        self.exit(2, f"{self.prog}: error: {message}\nvalid flags: --config {valid}\n")
+CHOICES = {"generator_types": GENERATOR_TYPES, "scan_order": SCAN_ORDERS, "precision": PRECISIONS}
+
+
+@functools.cache
+def field_help() -> dict[str, tuple[str, str]]:
+    """{field: (section, comment)}, read once from Config's source: the one-line comment beside a
+    field is both the schema's documentation and its flag's --help, and the `# --- data ---`
+    lines above the fields name the help's groups. Comments rather than
+    dataclasses.field(metadata=...), so the schema stays one readable line per field."""
+    try:
+        source = textwrap.dedent(inspect.getsource(Config))
+    except (OSError, TypeError):  # no source (a frozen app): the flags still work, without help
+        return {}
+    tokens = tokenize.generate_tokens(io.StringIO(source).readline)
+    comments = {t.start[0]: t.string.lstrip("#").strip() for t in tokens if t.type == tokenize.COMMENT}
+    class_body = ast.parse(source).body[0].body
+    fields = {n.lineno: n.target.id for n in class_body if isinstance(n, ast.AnnAssign)}
+    section, result = "", {}
+    for line in sorted(set(comments) | set(fields)):
+        if line in fields:
+            result[fields[line]] = (section, comments.get(line, ""))
+        elif comments[line].startswith("---"):
+            section = comments[line].strip("- ")
+    return result
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per Config field, defaulting to 'not given' so YAML values survive."""
+    """One flag per Config field, grouped by the schema's sections, its help the field's comment
+    and its default; every flag defaults to 'not given' so YAML values survive."""
     parser.add_argument("--config", help="YAML file of config values; flags override it")
+    groups, defaults, docs = {}, Config(), field_help()
     for name, kind in _field_types().items():
-        help_text = f"(default: {_to_yaml_value(getattr(Config(), name))})"
+        section, comment = docs.get(name, ("", ""))
+        if section not in groups:
+            groups[section] = parser.add_argument_group(section or None)
+        add = groups[section].add_argument
+        default = getattr(defaults, name)
+        shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
         if kind is bool:
-            parser.add_argument(
-                f"--{name}", dest=name, action="store_const", const=True, default=None, help=help_text
+            shown = f"on; --no_{name} turns it off" if default else "off"
+        help_text = f"{comment} (default: {shown})".lstrip() if shown != "" else comment
+        choices = CHOICES.get(name)
+        item = typing.get_args(kind)[0] if typing.get_origin(kind) is tuple else kind
+        metavar = "{" + ",".join(choices) + "}" if choices else item.__name__.upper()
+        if kind is bool:
+            add(f"--{name}", dest=name, action="store_const", const=True, default=None, help=help_text)
+            add(
+                f"--no_{name}",
+                dest=name,
+                action="store_const",
+                const=False,
+                default=None,
+                help=argparse.SUPPRESS,
             )
-            parser.add_argument(f"--no_{name}", dest=name, action="store_const", const=False, default=None)
         elif typing.get_origin(kind) is tuple:
-            parser.add_argument(f"--{name}", nargs="+", default=None, help=help_text)
+            add(f"--{name}", nargs="+", default=None, metavar=metavar, help=help_text)
         else:
-            parser.add_argument(f"--{name}", default=None, help=help_text)
+            add(f"--{name}", default=None, choices=choices, metavar=metavar, help=help_text)
 
 
 def config_from_args(args: argparse.Namespace, base: Config | None = None) -> Config:
@@ -386,7 +432,7 @@ def config_from_args(args: argparse.Namespace, base: Config | None = None) -> Co
 
 
 def parse_flags(argv: list[str] | None = None, description: str = "") -> Config:
-    parser = _Parser(description=description)
+    parser = Parser(description=description, usage="%(prog)s [--config FILE.yaml] [--field value ...]")
     add_config_flags(parser)
     args = parser.parse_args(argv)
     try:

@@ -23,6 +23,7 @@ import os
 import time
 from pathlib import Path
 
+from fractalmidi_jax import progress
 from fractalmidi_jax.config import cache_root
 
 MARKER = "DONE.json"
@@ -65,11 +66,16 @@ def prepare_bach_corpus(
             f"converting {len(todo)} Bach works from music21 to MIDI under {root} (once; about a second each per core)"
         )
     if workers == 1:
-        failures = [reason for reason in map(_convert, todo) if reason]
+        failures = [
+            reason for reason in progress.track(map(_convert, todo), "converting", len(todo)) if reason
+        ]
     else:
         # spawn, not fork: the caller may hold JAX or other threads that fork would copy mid-flight
         with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            failures = [reason for reason in pool.imap_unordered(_convert, todo, chunksize=4) if reason]
+            converted = progress.track(
+                pool.imap_unordered(_convert, todo, chunksize=4), "converting", len(todo)
+            )
+            failures = [reason for reason in converted if reason]
     for reason in sorted(failures):
         print(f"skipped {reason}")
 

@@ -14,7 +14,6 @@ Letters in names: P = 128 pitches, T = steps of a whole piece, L = crop length, 
 Files and their parsed rolls: library.py.
 """
 
-import argparse
 import collections
 import concurrent.futures
 import dataclasses
@@ -28,6 +27,7 @@ import numpy as np
 
 from fractalmidi_jax import midi
 from fractalmidi_jax import roll as roll_lib
+from fractalmidi_jax.cli import Parser
 from fractalmidi_jax.library import RollLibrary, make_lists, resolve_files
 
 # First seed word of each random stream, so that no two streams share a seed.
@@ -288,9 +288,7 @@ def _bench(args) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m fractalmidi_jax.data", description=__doc__.split("\n")[0]
-    )
+    parser = Parser(description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     lists = commands.add_parser("make-lists", help="split a folder into train/valid/test lists")

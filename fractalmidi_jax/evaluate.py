@@ -3,7 +3,7 @@
     python -m fractalmidi_jax.evaluate music --generated DIR --reference LIST_OR_DIR \\
         [--out OUT.json] [--png OUT.png] [--bootstrap 500] [--seed 0]
     python -m fractalmidi_jax.evaluate copying --generated DIR --train LIST_OR_DIR \\
-        [--threshold 0.8] [--max-shift 12] [--out OUT.json]
+        [--threshold 0.8] [--max_shift 12] [--out OUT.json]
     python -m fractalmidi_jax.evaluate nll --checkpoint C --data LIST_OR_DIR --crop_length W \\
         [--crops_per_file 8] [--draws 4] [--batch_size 64] [--seed 0] [--out OUT.json]
 
@@ -26,7 +26,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from fractalmidi_jax import music_stats
+from fractalmidi_jax import music_stats, progress
+from fractalmidi_jax.cli import Parser
 
 GENERATED_COLOUR = (230, 120, 30)
 REFERENCE_COLOUR = (40, 100, 190)
@@ -34,7 +35,8 @@ REFERENCE_COLOUR = (40, 100, 190)
 
 def _load(source: str, what: str):
     """(name, notes) pairs of the files named by a folder or list, reporting skips."""
-    loaded, skipped = music_stats.load_notes(music_stats.midi_paths(source))
+    paths = music_stats.midi_paths(source)
+    loaded, skipped = music_stats.load_notes(progress.track(paths, f"reading --{what}", len(paths)))
     for path, reason in skipped:
         print(f"skip {path}: {reason}", file=sys.stderr)
     if not loaded:
@@ -174,9 +176,9 @@ def _add_copying(subparsers) -> None:
     p.add_argument("--generated", required=True, help="folder or .txt list of generated MIDI files")
     p.add_argument("--train", required=True, help="folder or .txt list of the training MIDI files")
     p.add_argument("--threshold", type=float, default=0.8, help="IoU at or above which a bar is a near copy")
-    p.add_argument("--max-shift", type=int, default=12, help="pitch shifts -max..max semitones are tried")
+    p.add_argument("--max_shift", type=int, default=12, help="pitch shifts -max..max semitones are tried")
     p.add_argument(
-        "--min-cells", type=int, default=1, help="generated bars with fewer sounding cells are not checked"
+        "--min_cells", type=int, default=1, help="generated bars with fewer sounding cells are not checked"
     )
     p.add_argument("--out", help="write the full result (every bar's best match) as JSON here")
     p.set_defaults(func=_run_copying)
@@ -262,7 +264,7 @@ def nll(
     batches = data.eval_batches(crops, global_batch, jax.process_index(), jax.process_count())
     eval_step = steps.make_eval_step(graphdef, config, mesh)
     per_draw = []
-    for draw in range(draws):
+    for draw in progress.track(range(draws), "scoring masking draws", draws):
         key = jax.random.fold_in(jax.random.key(seed), draw)
         total = cells = 0.0
         for i, batch in enumerate(batches):
@@ -324,9 +326,7 @@ def _run_nll(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m fractalmidi_jax.evaluate", description=__doc__.split("\n")[0]
-    )
+    parser = Parser(description=__doc__.split("\n")[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_music(subparsers)
     _add_copying(subparsers)

@@ -1,5 +1,6 @@
-"""What generate.py does: load a checkpoint, build the canvas a mode asks for, run the jitted
-sampler in batches, and write MIDI (plus pictures, GIFs and audio when asked) and one JSON.
+"""Generation: the Python API (`Generator`, `load`) and what generate.py does with it: load a
+checkpoint, build the canvas a mode asks for, run the jitted sampler in batches, and write MIDI
+(plus pictures, GIFs and audio when asked), one JSON and an index.html into a fresh run folder.
 
 Modes:
 - unconditional: an empty canvas.
@@ -17,6 +18,7 @@ lengthens or joins a known note.
 """
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -28,15 +30,18 @@ import numpy as np
 from flax import nnx
 
 from fractalmidi_jax import checkpoint as ckpt
-from fractalmidi_jax import data, midi, render, sharding, steps
+from fractalmidi_jax import data, html_index, midi, progress, render, sharding, steps
 from fractalmidi_jax import grid as grid_lib
 from fractalmidi_jax import roll as roll_lib
 from fractalmidi_jax import sampler as sampler_lib
-from fractalmidi_jax.config import NUM_PITCHES, Config, ConfigError, from_dict
+from fractalmidi_jax.cli import Parser
+from fractalmidi_jax.config import NUM_PITCHES, Config, ConfigError, from_dict, use_compilation_cache
 from fractalmidi_jax.fractal import build_model
 from fractalmidi_jax.output_dir import OutputDirError, check_writable
+from fractalmidi_jax.writer import next_numbered_dir
 
 MODES = ("unconditional", "continuation", "inpainting")
+BATCH_SIZE = 4  # samples per sampler call unless told: the CLI and the API draw the same music
 
 
 class GenerationError(ValueError):
@@ -93,13 +98,12 @@ def check_ar_prefix(config: Config, known_mask_PxW: np.ndarray) -> None:
         )
 
 
-def read_roll(path: str, kind: str) -> tuple[np.ndarray, float]:
-    """(stored roll, first tempo) of a MIDI file."""
+def read_input(path: str, kind: str) -> tuple[np.ndarray, midi.Score]:
+    """(stored roll, score) of a MIDI file."""
     try:
-        stored, score = roll_lib.read_roll(path, kind)
+        return roll_lib.read_roll(path, kind)
     except midi.MidiError as error:
         raise GenerationError(f"cannot read {path}: {error}") from None
-    return stored, score.tempo_bpm
 
 
 def keep_border_notes_whole(tokens_PxW: np.ndarray, region_PxW: np.ndarray, kind: str) -> np.ndarray:
@@ -117,126 +121,322 @@ def keep_border_notes_whole(tokens_PxW: np.ndarray, region_PxW: np.ndarray, kind
     return region
 
 
-def canvas(args, width: int, kind: str) -> tuple[np.ndarray, np.ndarray, float | None]:
-    """(known cells, known mask) for one sample (128 x width, model tokens), and the input's tempo."""
-    cells, known = np.zeros((NUM_PITCHES, width), np.uint8), np.zeros((NUM_PITCHES, width), bool)
+def steps_of(steps: int | None, bars: float | None, score: midi.Score, name: str) -> int | None:
+    """A position given in steps (`--<name>`) or in bars of the input's meter (`--<name>_bar(s)`)."""
+    if steps is not None and bars is not None:
+        raise GenerationError(f"give --{name} or its bar form, not both")
+    return steps if bars is None else round(bars * score.bar_steps)
+
+
+def empty_canvas(width: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.zeros((NUM_PITCHES, width), np.uint8), np.zeros((NUM_PITCHES, width), bool)
+
+
+def canvas(args, width: int, kind: str) -> tuple[np.ndarray, np.ndarray, midi.Score | None]:
+    """(known cells, known mask) for one sample (128 x width, model tokens), and the input's
+    Score (its tempo and meter are written into the output)."""
+    cells, known = empty_canvas(width)
     if args.mode == "unconditional":
         return cells, known, None
-    region = np.ones((NUM_PITCHES, width), bool)
+    region = np.zeros((NUM_PITCHES, width), bool)
     if args.mode == "continuation":
-        if not args.prompt_midi or args.prompt_steps is None:
-            raise GenerationError("continuation needs --prompt_midi FILE and --prompt_steps N")
-        stored, tempo = read_roll(args.prompt_midi, kind)
-        if not 0 < args.prompt_steps < width:
-            raise GenerationError(f"--prompt_steps {args.prompt_steps} must be between 1 and {width - 1}")
-        if args.prompt_steps > stored.shape[1]:
+        if not args.prompt_midi or (args.prompt_steps is None and args.prompt_bars is None):
             raise GenerationError(
-                f"--prompt_steps {args.prompt_steps} is longer than {args.prompt_midi} ({stored.shape[1]} steps)"
+                "continuation needs --prompt_midi FILE and --prompt_steps N (or --prompt_bars B)"
             )
-        region[:, : args.prompt_steps] = False
+        stored, score = read_input(args.prompt_midi, kind)
+        prompt_steps = steps_of(args.prompt_steps, args.prompt_bars, score, "prompt_steps")
+        if not 0 < prompt_steps < width:
+            raise GenerationError(f"--prompt_steps {prompt_steps} must be between 1 and {width - 1}")
+        if prompt_steps > stored.shape[1]:
+            raise GenerationError(
+                f"--prompt_steps {prompt_steps} is longer than {args.prompt_midi} ({stored.shape[1]} steps)"
+            )
+        region[:, prompt_steps:] = True
     else:
-        if not args.input_midi or args.mask_start is None or args.mask_end is None:
-            raise GenerationError("inpainting needs --input_midi FILE, --mask_start S and --mask_end E")
-        stored, tempo = read_roll(args.input_midi, kind)
+        has_start = args.mask_start is not None or args.mask_start_bar is not None
+        has_end = args.mask_end is not None or args.mask_end_bar is not None
+        if not args.input_midi or not has_start or not has_end:
+            raise GenerationError(
+                "inpainting needs --input_midi FILE, --mask_start S and --mask_end E (or --mask_start_bar and --mask_end_bar)"
+            )
+        stored, score = read_input(args.input_midi, kind)
+        mask_start = steps_of(args.mask_start, args.mask_start_bar, score, "mask_start")
+        mask_end = steps_of(args.mask_end, args.mask_end_bar, score, "mask_end")
         length = min(stored.shape[1], width)
         low, high = args.mask_pitch_low, args.mask_pitch_high
-        if not 0 <= args.mask_start < args.mask_end <= length:
+        if not 0 <= mask_start < mask_end <= length:
             raise GenerationError(
-                f"mask [{args.mask_start}, {args.mask_end}) is outside the input: it must lie within "
+                f"mask [{mask_start}, {mask_end}) is outside the input: it must lie within "
                 f"[0, {length}) steps ({args.input_midi} has {stored.shape[1]} steps; the canvas is {width})"
             )
         if not 0 <= low <= high < NUM_PITCHES:
             raise GenerationError(
                 f"--mask_pitch_low {low} / --mask_pitch_high {high} must satisfy 0 <= low <= high <= 127"
             )
-        region[:] = False
-        region[low : high + 1, args.mask_start : args.mask_end] = True
+        region[low : high + 1, mask_start:mask_end] = True
     tokens = data.crop_roll(stored, 0, width, kind)
     known = ~keep_border_notes_whole(tokens, region, kind)
-    return np.where(known, tokens, 0).astype(np.uint8), known, tempo
+    return np.where(known, tokens, 0).astype(np.uint8), known, score
+
+
+def decode(roll_PxW, known_PxW, kind: str, min_velocity=1, min_note_steps=1, velocity_tolerance=0):
+    """The notes of a generated roll; a note starts wherever known and generated cells meet."""
+    meets = np.zeros_like(known_PxW)
+    meets[:, 1:] = known_PxW[:, 1:] != known_PxW[:, :-1]
+    return roll_lib.roll_to_notes(
+        roll_PxW, kind, min_velocity, min_note_steps, velocity_tolerance, starts=meets
+    )
+
+
+def time_signature(score: midi.Score | None) -> tuple[int, int]:
+    """The meter to write: the input's first time signature, else 4/4."""
+    return tuple(score.time_signatures[0][1:]) if score and score.time_signatures else (4, 4)
+
+
+@dataclasses.dataclass(frozen=True)
+class Samples:
+    """What one Generator.sample call made."""
+
+    rolls_NxPxW: np.ndarray  # cell tokens (roll.py)
+    frames_FxNxPxW: np.ndarray  # the canvas after each level-0 round
+    known_PxW: np.ndarray  # the cells that were given
+    num_iter_list: tuple[int, ...]
+    compile_seconds: float
+    seconds_per_batch: list[float]
+
+
+class Generator:
+    """A checkpoint loaded once, that writes music: the Python API, and what generate.py runs.
+
+        model = fractalmidi_jax.load("outputs/quickstart/checkpoints/best")
+        songs = model.generate(num_samples=4, target_width=128, seed=0, temperature=1.0)
+        songs[0].write("first.mid")  # each is a pretty_midi.PrettyMIDI
+        more = model.continuation("song.mid", prompt_bars=2, num_samples=2)
+        edits = model.inpainting("song.mid", mask_start_bar=2, mask_end_bar=4)
+
+    Keyword arguments are generate.py's flags of the same names. With return_rolls=True a call
+    returns (songs, cell-token rolls [N, 128, W], roll.py). Compiled samplers are kept per shape, so a second
+    call of the same shape starts at once."""
+
+    def __init__(self, checkpoint: str, use_ema: bool = True):
+        self.config, _, self.params, self.path = load_model(checkpoint, use_ema)
+        self.weights = "ema" if use_ema else "raw"
+        self._compiled = {}
+
+    def sample(
+        self,
+        cells_PxW: np.ndarray,
+        known_PxW: np.ndarray,
+        num_samples: int = 4,
+        batch_size: int = BATCH_SIZE,
+        seed: int = 0,
+        temperature: float = 1.0,
+        num_iter_list=None,
+    ) -> Samples:
+        """num_samples rolls that keep the known cells, made batch_size at a time."""
+        check_ar_prefix(self.config, known_PxW)
+        num_iter = tuple(num_iter_list or self.config.num_iter_list)
+        if len(num_iter) != len(self.config.img_size_list):
+            raise GenerationError(
+                f"--num_iter_list needs {len(self.config.img_size_list)} entries, one per level"
+            )
+        batch_cells = np.repeat(cells_PxW[None], batch_size, axis=0)
+        batch_known = np.repeat(known_PxW[None], batch_size, axis=0)
+        key = jax.random.key(seed)
+        shape = (batch_size, cells_PxW.shape[1], num_iter)
+        started = time.perf_counter()
+        if shape not in self._compiled:
+            run = sampler_lib.make_sampler(self.config, num_iter)
+            with progress.status(f"compiling the sampler for {batch_size} x {cells_PxW.shape[1]} steps"):
+                self._compiled[shape] = run.lower(
+                    self.params, batch_cells, batch_known, key, jnp.float32(temperature)
+                ).compile()
+        compile_s = time.perf_counter() - started
+        rolls, frames, batch_seconds = [], [], []
+        num_batches = -(-num_samples // batch_size)
+        for batch_index in progress.track(range(num_batches), "generating", total=num_batches):
+            started = time.perf_counter()
+            batch_rolls, batch_frames = self._compiled[shape](
+                self.params,
+                batch_cells,
+                batch_known,
+                jax.random.fold_in(key, batch_index),
+                jnp.float32(temperature),
+            )
+            rolls.append(np.asarray(batch_rolls))
+            frames.append(np.asarray(batch_frames))
+            batch_seconds.append(time.perf_counter() - started)
+        return Samples(
+            np.concatenate(rolls)[:num_samples],
+            np.concatenate(frames, axis=1)[:, :num_samples],
+            known_PxW,
+            num_iter,
+            compile_s,
+            batch_seconds,
+        )
+
+    def generate(self, num_samples: int = 4, target_width: int = 0, **options):
+        """Unconditional music: num_samples pieces of target_width steps (0 = the training crop)."""
+        return self._songs(empty_canvas(self.width(target_width)), None, num_samples, **options)
+
+    def continuation(
+        self, prompt_midi: str, prompt_steps=None, prompt_bars=None, num_samples=4, target_width=0, **options
+    ):
+        """Keeps the first prompt_steps (or prompt_bars, in the file's meter) of prompt_midi and
+        writes on from there."""
+        request = argparse.Namespace(
+            mode="continuation",
+            prompt_midi=str(prompt_midi),
+            prompt_steps=prompt_steps,
+            prompt_bars=prompt_bars,
+        )
+        cells, known, score = canvas(request, self.width(target_width), self.config.roll)
+        return self._songs((cells, known), score, num_samples, **options)
+
+    def inpainting(
+        self,
+        input_midi: str,
+        mask_start=None,
+        mask_end=None,
+        mask_start_bar=None,
+        mask_end_bar=None,
+        mask_pitch_low: int = 0,
+        mask_pitch_high: int = NUM_PITCHES - 1,
+        num_samples: int = 4,
+        target_width: int = 0,
+        **options,
+    ):
+        """Regenerates [mask_start, mask_end) x [mask_pitch_low, mask_pitch_high] of input_midi
+        (positions in steps, or in bars of the file's meter) and keeps everything else."""
+        request = argparse.Namespace(
+            mode="inpainting",
+            input_midi=str(input_midi),
+            mask_start=mask_start,
+            mask_end=mask_end,
+            mask_start_bar=mask_start_bar,
+            mask_end_bar=mask_end_bar,
+            mask_pitch_low=mask_pitch_low,
+            mask_pitch_high=mask_pitch_high,
+        )
+        cells, known, score = canvas(request, self.width(target_width), self.config.roll)
+        return self._songs((cells, known), score, num_samples, **options)
+
+    def width(self, target_width: int = 0) -> int:
+        width = target_width or self.config.crop_length
+        check_width(self.config, width)
+        return width
+
+    def _songs(
+        self,
+        canvas_cells_known,
+        score,
+        num_samples,
+        batch_size=BATCH_SIZE,
+        seed=0,
+        temperature=1.0,
+        num_iter_list=None,
+        tempo=0.0,
+        min_velocity=1,
+        min_note_steps=1,
+        velocity_tolerance=0,
+        return_rolls=False,
+    ):
+        samples = self.sample(*canvas_cells_known, num_samples, batch_size, seed, temperature, num_iter_list)
+        bpm = tempo or (score.tempo_bpm if score else 120.0)
+        songs = [
+            midi.to_pretty_midi(
+                decode(
+                    roll,
+                    samples.known_PxW,
+                    self.config.roll,
+                    min_velocity,
+                    min_note_steps,
+                    velocity_tolerance,
+                ),
+                bpm,
+                time_signature=time_signature(score),
+            )
+            for roll in samples.rolls_NxPxW
+        ]
+        return (songs, samples.rolls_NxPxW) if return_rolls else songs
+
+
+def load(checkpoint: str, use_ema: bool = True) -> Generator:
+    """`fractalmidi_jax.load(checkpoint)`: a Generator of that checkpoint (its EMA weights unless
+    use_ema=False)."""
+    return Generator(checkpoint, use_ema)
 
 
 def generate(args) -> dict:
-    config, _, params, path = load_model(args.checkpoint, not args.no_ema)
-    width = args.target_width or config.crop_length
-    check_width(config, width)
-    known_cells, known_mask, input_tempo = canvas(args, width, config.roll)
-    check_ar_prefix(config, known_mask)
-    num_iter = tuple(args.num_iter_list or config.num_iter_list)
-    if len(num_iter) != len(config.img_size_list):
-        raise GenerationError(f"--num_iter_list needs {len(config.img_size_list)} entries, one per level")
-    tempo = args.tempo or input_tempo or 120.0
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    run = sampler_lib.make_sampler(config, num_iter)
-    batch_cells = np.repeat(known_cells[None], args.batch_size, axis=0)
-    batch_known = np.repeat(known_mask[None], args.batch_size, axis=0)
-    key = jax.random.key(args.seed)
-    started = time.perf_counter()
-    compiled = run.lower(params, batch_cells, batch_known, key, jnp.float32(args.temperature)).compile()
-    compile_s = time.perf_counter() - started
-    samples, batch_seconds = [], []
-    for batch_index in range(-(-args.num_samples // args.batch_size)):
-        started = time.perf_counter()
-        rolls, frames = compiled(
-            params,
-            batch_cells,
-            batch_known,
-            jax.random.fold_in(key, batch_index),
-            jnp.float32(args.temperature),
-        )
-        rolls, frames = np.asarray(rolls), np.asarray(frames)
-        batch_seconds.append(time.perf_counter() - started)
-        for b in range(args.batch_size):
-            index = batch_index * args.batch_size + b
-            if index < args.num_samples:
-                samples.append(
-                    _write_sample(args, config.roll, out, index, rolls[b], frames[:, b], known_mask, tempo)
-                )
+    model = Generator(args.checkpoint, not args.no_ema)
+    width = model.width(args.target_width)
+    known_cells, known_mask, score = canvas(args, width, model.config.roll)
+    tempo = args.tempo or (score.tempo_bpm if score else 120.0)
+    meter = time_signature(score)
+    samples = model.sample(
+        known_cells,
+        known_mask,
+        args.num_samples,
+        args.batch_size,
+        args.seed,
+        args.temperature,
+        args.num_iter_list,
+    )
+    out = run_folder(Path(args.output_dir), args.reuse_output_dir)
+    audio = render.audio_backend(args.soundfont)[1] if args.save_wav else None
+    written = zip(samples.rolls_NxPxW, np.swapaxes(samples.frames_FxNxPxW, 0, 1))
+    items = progress.track(enumerate(written), "writing samples", total=args.num_samples)
     report = {
-        "checkpoint": str(path),
-        "roll": config.roll,
+        "checkpoint": str(model.path),
+        "roll": model.config.roll,
+        "output_dir": str(out),
         "mode": args.mode,
         "seed": args.seed,
         "num_samples": args.num_samples,
         "batch_size": args.batch_size,
         "target_width": width,
-        "num_iter_list": list(num_iter),
+        "num_iter_list": list(samples.num_iter_list),
         "temperature": args.temperature,
         "tempo_bpm": tempo,
-        "weights": "raw" if args.no_ema else "ema",
+        "time_signature": list(meter),
+        "weights": model.weights,
+        "audio": audio,
         "device": jax.devices()[0].device_kind,
-        "compile_seconds": compile_s,
-        "seconds_per_batch": batch_seconds,
-        "samples": samples,
+        "compile_seconds": samples.compile_seconds,
+        "seconds_per_batch": samples.seconds_per_batch,
+        "samples": [
+            _write_sample(args, model.config.roll, out, index, roll, frames, known_mask, tempo, meter)
+            for index, (roll, frames) in items
+        ],
     }
     (out / "generation.json").write_text(json.dumps(report, indent=1))
+    html_index.write_index(out, report)
     return report
 
 
+def run_folder(output_dir: Path, reuse: bool) -> Path:
+    """output_dir itself when reuse, else a fresh output_dir/run_N (the next free N), so a second
+    run never overwrites the first."""
+    out = output_dir if reuse else next_numbered_dir(output_dir, "run")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def _write_sample(
-    args,
-    kind: str,
-    out: Path,
-    index: int,
-    roll: np.ndarray,
-    frames: np.ndarray,
-    known: np.ndarray,
-    tempo: float,
+    args, kind: str, out: Path, index: int, roll: np.ndarray, frames: np.ndarray, known, tempo: float, meter
 ) -> dict:
     stem = out / f"sample_{index:03d}"
-    meets = np.zeros_like(known)
-    meets[:, 1:] = known[:, 1:] != known[:, :-1]
-    notes = roll_lib.roll_to_notes(
-        roll, kind, args.min_velocity, args.min_note_steps, args.velocity_tolerance, starts=meets
-    )
-    midi.write_midi(stem.with_suffix(".mid"), notes, tempo_bpm=tempo)
+    notes = decode(roll, known, kind, args.min_velocity, args.min_note_steps, args.velocity_tolerance)
+    midi.write_midi(stem.with_suffix(".mid"), notes, tempo_bpm=tempo, time_signature=meter)
     files = [stem.with_suffix(".mid").name]
+    bar = midi.bar_steps(*meter)
     if args.save_png:
-        render.save_png(stem.with_suffix(".png"), roll_lib.velocity_cells(roll, kind))
+        render.save_png(stem.with_suffix(".png"), roll_lib.velocity_cells(roll, kind), bar_steps=bar)
         files.append(stem.with_suffix(".png").name)
     if args.save_gif:
-        render.save_gif(stem.with_suffix(".gif"), [roll_lib.velocity_cells(f, kind) for f in frames])
+        pictures = [roll_lib.velocity_cells(frame, kind) for frame in frames]
+        render.save_gif(stem.with_suffix(".gif"), pictures, bar_steps=bar)
         files.append(stem.with_suffix(".gif").name)
     if args.save_wav:
         render.save_wav(stem.with_suffix(".wav"), stem.with_suffix(".mid"), args.soundfont)
@@ -250,17 +450,25 @@ def _write_sample(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Generate MIDI with a trained FractalMIDI checkpoint.")
+    parser = Parser(
+        description="Generate MIDI with a trained FractalMIDI checkpoint.",
+        usage="%(prog)s --checkpoint DIR [--mode MODE] [--flag value ...]",
+    )
     add = parser.add_argument
     add("--checkpoint", required=True, help="checkpoint folder, or <output_dir>/checkpoints/latest or best")
-    add("--mode", choices=MODES, default="unconditional")
-    add("--num_samples", type=int, default=4)
-    add("--batch_size", type=int, default=4, help="samples per sampler call")
+    add("--mode", choices=MODES, default="unconditional", help="what to write (see the module docstring)")
+    add("--num_samples", type=int, default=4, help="pieces to write")
+    add("--batch_size", type=int, default=BATCH_SIZE, help="samples per sampler call")
     add("--target_width", type=int, default=0, help="steps to generate (default: the training crop_length)")
     add("--num_iter_list", type=int, nargs="+", help="rounds per level (default: the checkpoint's)")
-    add("--temperature", type=float, default=1.0)
-    add("--seed", type=int, default=0)
-    add("--output_dir", default="outputs/generated")
+    add("--temperature", type=float, default=1.0, help="below 1: safer choices; above 1: more adventurous")
+    add("--seed", type=int, default=0, help="the same seed, checkpoint and flags give the same files")
+    add("--output_dir", default="outputs/generated", help="each run writes a fresh run_N folder inside it")
+    add(
+        "--reuse_output_dir",
+        action="store_true",
+        help="write into --output_dir itself, replacing its samples",
+    )
     add("--tempo", type=float, default=0.0, help="bpm (default: 120, or the input file's first tempo)")
     add("--min_velocity", type=int, default=1, help="drop notes quieter than this")
     add("--min_note_steps", type=int, default=1, help="drop notes shorter than this many steps")
@@ -273,13 +481,24 @@ def build_parser() -> argparse.ArgumentParser:
     add("--no_ema", action="store_true", help="use the raw weights instead of their moving average")
     add("--save_png", action="store_true", help="the piano roll as a picture")
     add("--save_gif", action="store_true", help="the generation process, one frame per level-0 round")
-    add("--save_wav", action="store_true", help="audio through FluidSynth and a General MIDI sound font")
+    add(
+        "--save_wav",
+        action="store_true",
+        help="audio: FluidSynth with a General MIDI sound font if installed, else pretty_midi's sine tones",
+    )
     add("--soundfont", default=None, help="a .sf2 file for --save_wav")
     add("--prompt_midi", help="continuation: the file whose beginning is kept")
     add("--prompt_steps", type=int, help="continuation: steps of the prompt to keep")
+    add("--prompt_bars", type=float, help="continuation: bars of the prompt to keep, in its meter")
     add("--input_midi", help="inpainting: the file to edit")
     add("--mask_start", type=int, help="inpainting: first step to regenerate")
     add("--mask_end", type=int, help="inpainting: step after the last one to regenerate")
+    add(
+        "--mask_start_bar",
+        type=float,
+        help="inpainting: --mask_start in bars of the input's meter (0 = the start)",
+    )
+    add("--mask_end_bar", type=float, help="inpainting: --mask_end in bars of the input's meter")
     add("--mask_pitch_low", type=int, default=0, help="inpainting: lowest pitch to regenerate")
     add(
         "--mask_pitch_high", type=int, default=NUM_PITCHES - 1, help="inpainting: highest pitch to regenerate"
@@ -292,6 +511,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.num_samples < 1 or args.batch_size < 1:
         parser.error("--num_samples and --batch_size must be at least 1")
+    use_compilation_cache()
     try:
         if not args.temperature > 0 or not np.isfinite(args.temperature):
             raise GenerationError(
@@ -307,6 +527,12 @@ def main(argv=None) -> None:
         sys.exit(2)
     seconds = report["seconds_per_batch"]
     print(
-        f"wrote {report['num_samples']} samples to {args.output_dir} (compile {report['compile_seconds']:.1f} s, "
-        f"{np.median(seconds):.3f} s per batch of {args.batch_size})"
+        f"wrote {report['num_samples']} samples to {report['output_dir']} (compile {report['compile_seconds']:.1f} s, "
+        f"{np.median(seconds):.3f} s per batch of {args.batch_size}); open {report['output_dir']}/index.html"
     )
+    if report["audio"]:
+        print(f"audio: {report['audio']}")
+
+
+if __name__ == "__main__":
+    main()

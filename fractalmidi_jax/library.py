@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fractalmidi_jax import midi
+from fractalmidi_jax import midi, progress
 from fractalmidi_jax import roll as roll_lib
 from fractalmidi_jax.config import cache_root
 
@@ -326,7 +326,7 @@ class RollLibrary:
             results = _map_isolated(_parse_file, args, num_workers, file_timeout_s)
         else:
             results = ((k, *_attempt(_parse_file, a)) for k, a in enumerate(args))
-        for k, ok, value in results:
+        for k, ok, value in progress.track(results, "parsing MIDI files", len(args)):
             if ok:
                 _write_record(cache_paths[misses[k]], value)
                 keep(misses[k], value)

@@ -8,7 +8,9 @@ variable-length quantities stop at 4 bytes, and the event loop checks a time bud
 Algorithm:
 1. Each track is walked once. Note-ons are paired with note-offs per (channel, key)
    in that track (a note-on of velocity 0 is a note-off); tempo metas of every track
-   form the tempo map. Channel 10 (index 9) holds drums, dropped unless include_drums.
+   form the tempo map, and time-signature metas the meter (`Score.time_signatures`, whose
+   first entry sets `Score.bar_steps`). Channel 10 (index 9) holds drums, dropped unless
+   include_drums.
 2. Ticks become steps, never seconds: step = round(tick * 4 / resolution) (half up,
    in integer arithmetic, so odd resolutions and huge ticks are exact); a note ends at
    round(off_tick * 4 / resolution) but lasts at least one step, so notes shorter than
@@ -85,6 +87,17 @@ class Score:
     capped: bool  # notes beyond max_steps were cut
     kept_seconds: float = 0.0  # duration of what the roll keeps (= seconds unless capped)
     warnings: tuple[str, ...] = ()  # faults read around, one line each (e.g. a short track length)
+    time_signatures: tuple[tuple[int, int, int], ...] = ()  # (step, numerator, denominator), by step
+
+    @property
+    def bar_steps(self) -> int:
+        """Steps in a bar of the piece's first time signature (16 = 4/4, the default; 12 = 3/4)."""
+        return bar_steps(*self.time_signatures[0][1:]) if self.time_signatures else 16
+
+
+def bar_steps(numerator: int, denominator: int) -> int:
+    """Sixteenth-note steps in a bar of numerator/denominator (3/4 -> 12, 6/8 -> 12), at least 1."""
+    return max(1, round(numerator * 4 * STEPS_PER_QUARTER / denominator))
 
 
 def read_score(path, options: ReadOptions = ReadOptions()) -> Score:
@@ -138,6 +151,7 @@ def _parse_smf(data: bytes, options: ReadOptions, deadline: float) -> Score:
     notes: list[tuple[int, int, int, int]] = []  # (on_tick, off_tick, pitch, velocity)
     tempos: list[tuple[int, int]] = []  # (tick, microseconds per quarter)
     warnings: list[str] = []
+    meters: list[tuple[int, int, int]] = []  # (tick, numerator, denominator)
     drum_notes = 0
     last_tick = 0
     pos = 8 + header_len
@@ -157,7 +171,7 @@ def _parse_smf(data: bytes, options: ReadOptions, deadline: float) -> Score:
                 raise MidiError(f"time budget of {options.time_budget_s} s exceeded at track {track}")
             is_last = track == num_tracks and pos + length < len(data)
             end_tick, drums, found_notes, found_tempos = _parse_track_to_its_end(
-                data, pos, length, track, is_last, options, deadline, warnings
+                data, pos, length, track, is_last, options, deadline, warnings, meters
             )
             notes += found_notes
             tempos += found_tempos
@@ -184,17 +198,18 @@ def _parse_smf(data: bytes, options: ReadOptions, deadline: float) -> Score:
         capped=capped,
         kept_seconds=_seconds([t for t in tempos if t[0] <= kept_tick], kept_tick, division),
         warnings=tuple(warnings),
+        time_signatures=_meter_steps(meters, division),
     )
 
 
-def _parse_track_to_its_end(data, pos, length, track, is_last, options, deadline, warnings):
+def _parse_track_to_its_end(data, pos, length, track, is_last, options, deadline, warnings, meters):
     """One MTrk chunk: (last tick, drum notes, notes, tempos). A last track whose declared length
     stops short of its End-of-Track (events that fail to parse, or no End-of-Track) is read on
     to the End-of-Track in the bytes that follow, when they parse; a warning says so."""
     notes, tempos = [], []
     try:
         end_tick, drums, end_of_track = _parse_track(
-            data, pos, pos + length, track, options, deadline, notes, tempos
+            data, pos, pos + length, track, options, deadline, notes, tempos, meters
         )
     except MidiError as error:
         failure, end_of_track = error, None
@@ -203,7 +218,9 @@ def _parse_track_to_its_end(data, pos, length, track, is_last, options, deadline
     if end_of_track is None and is_last:
         longer_notes, longer_tempos = [], []
         try:
-            longer = _parse_track(data, pos, len(data), track, options, deadline, longer_notes, longer_tempos)
+            longer = _parse_track(
+                data, pos, len(data), track, options, deadline, longer_notes, longer_tempos, []
+            )
         except MidiError:
             longer = None
         if longer is not None and longer[2] is not None:
@@ -231,8 +248,8 @@ def _read_vlq(data: bytes, pos: int, end: int, where: str) -> tuple[int, int]:
     raise MidiError(f"bad variable-length quantity in {where} (longer than 4 bytes)")
 
 
-def _parse_track(data, pos, end, track, options, deadline, notes, tempos) -> tuple[int, int]:
-    """Walk one MTrk chunk data[pos:end], appending its notes and tempos.
+def _parse_track(data, pos, end, track, options, deadline, notes, tempos, meters) -> tuple[int, int]:
+    """Walk one MTrk chunk data[pos:end], appending its notes, tempos and time signatures.
 
     Returns (the track's last event tick, the number of drum notes dropped, the position after its
     End-of-Track or None if it has none)."""
@@ -276,6 +293,8 @@ def _parse_track(data, pos, end, track, options, deadline, notes, tempos) -> tup
                     if tempo == 0:
                         raise MidiError(f"zero tempo in {where} at tick {tick}")
                     tempos.append((tick, tempo))
+                if meta == 0x58 and length >= 2 and data[pos] > 0 and data[pos + 1] < 8:
+                    meters.append((tick, data[pos], 1 << data[pos + 1]))  # numerator, 2 ** power
             elif status in (0xF0, 0xF7):
                 length, pos = _read_vlq(data, pos, end, where)
                 if length > end - pos:
@@ -353,6 +372,14 @@ def _quantise(ticks: np.ndarray, resolution: int, max_steps: int) -> tuple[np.nd
     return merged, int(merged[:, 1].max()), capped
 
 
+def _meter_steps(meters: list[tuple[int, int, int]], resolution: int) -> tuple[tuple[int, int, int], ...]:
+    """Time signatures on the step grid, sorted, one per step (the last one at a step wins)."""
+    by_step = {}
+    for tick, numerator, denominator in sorted(meters, key=lambda m: m[0]):
+        by_step[(tick * 8 + resolution) // (2 * resolution)] = (numerator, denominator)
+    return tuple((step, *meter) for step, meter in sorted(by_step.items()))
+
+
 def _seconds(tempos: list[tuple[int, int]], last_tick: int, resolution: int) -> float:
     """Duration of ticks 0..last_tick under the tempo map (sorted by tick)."""
     microticks = 0  # sum of ticks * microseconds per quarter
@@ -364,11 +391,18 @@ def _seconds(tempos: list[tuple[int, int]], last_tick: int, resolution: int) -> 
     return microticks / (1e6 * resolution)
 
 
-def write_midi(path, notes, tempo_bpm: float = 120.0, program: int = 0) -> None:
+def write_midi(path, notes, tempo_bpm: float = 120.0, program: int = 0, time_signature=(4, 4)) -> None:
     """Write (onset, end, pitch, velocity) rows as one piano track; one step = a sixteenth at tempo_bpm."""
+    to_pretty_midi(notes, tempo_bpm, program, time_signature).write(str(path))
+
+
+def to_pretty_midi(notes, tempo_bpm: float = 120.0, program: int = 0, time_signature=(4, 4)):
+    """(onset, end, pitch, velocity) rows as a pretty_midi.PrettyMIDI of one piano track, in
+    time_signature (numerator, denominator) from the start."""
     import pretty_midi  # imported here: reading never needs it
 
     midi = pretty_midi.PrettyMIDI(resolution=_WRITE_RESOLUTION, initial_tempo=float(tempo_bpm))
+    midi.time_signature_changes.append(pretty_midi.TimeSignature(*map(int, time_signature), 0.0))
     instrument = pretty_midi.Instrument(program=program, name="Piano")
     seconds_per_step = 60.0 / (float(tempo_bpm) * STEPS_PER_QUARTER)
     for onset, end, pitch, velocity in np.asarray(notes, dtype=np.int64).reshape(-1, 4).tolist():
@@ -378,4 +412,4 @@ def write_midi(path, notes, tempo_bpm: float = 120.0, program: int = 0) -> None:
             )
         )
     midi.instruments.append(instrument)
-    midi.write(str(path))
+    return midi

@@ -10,20 +10,28 @@ silent cells only, so a note there still shows through the line.
 
 Colours: velocity like Logic Pro's piano roll (quiet = green, medium = yellow/orange,
 loud = red); silence is black. Faint lines at every C (pitch % 12 == 0) and every bar
-(step % 16 == 0, counted from the start of the roll) are drawn on silent cells only,
-so they never hide a note.
+(step % bar_steps == 0, counted from the start of the roll; 16 = 4/4, 12 = 3/4) are drawn
+on silent cells only, so they never hide a note. PNG files (`save_png`) add axes: note names
+at every C on the left and bar numbers above each chunk.
+
+Audio (`save_wav`, `audio`): FluidSynth with a General MIDI sound font when both are
+installed; otherwise pretty_midi's own synthesiser (sine tones, numpy only), so there is
+always something to listen to. `audio_backend` says which one will play, and why.
 """
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import shutil
 import subprocess
+import tempfile
+import wave
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 CHUNK_STEPS = 256  # steps per stacked chunk: 16 bars of 16 sixteenths
 BAR_STEPS = 16
@@ -91,7 +99,7 @@ def _check_scale(scale: int) -> int:
     return int(scale)
 
 
-def roll_image(roll, scale: int = 2) -> np.ndarray:
+def roll_image(roll, scale: int = 2, bar_steps: int = BAR_STEPS) -> np.ndarray:
     """uint8 [H, W, 3] picture of a [pitches, steps] velocity roll (layout in the module docstring).
 
     A P x W roll gives H = P * ceil(W / 256) and W' = min(W, 256), both times scale."""
@@ -100,7 +108,7 @@ def roll_image(roll, scale: int = 2) -> np.ndarray:
     pitches, steps = cells.shape
     sounding = cells > 0
     rgb = VELOCITY_RGB[cells]
-    on_grid = (np.arange(pitches)[:, None] % OCTAVE == 0) | (np.arange(steps)[None, :] % BAR_STEPS == 0)
+    on_grid = (np.arange(pitches)[:, None] % OCTAVE == 0) | (np.arange(steps)[None, :] % bar_steps == 0)
     rgb[on_grid & ~sounding] = _GRID_RGB
 
     chunks = -(-steps // CHUNK_STEPS)
@@ -149,12 +157,44 @@ def grid_image(rolls, columns: int | None = None, scale: int = 1) -> np.ndarray:
     return image
 
 
-def save_png(path, roll, scale: int = 2) -> None:
-    """Write roll_image(roll, scale) as a PNG file."""
-    Image.fromarray(roll_image(roll, scale)).save(path, format="PNG")
+NOTE_AXIS_PIXELS = 30  # the note-name margin on the left of a PNG
+BAR_AXIS_PIXELS = 12  # the bar-number strip above each chunk of a PNG
 
 
-def save_gif(path, frames, duration_ms: int = 250, scale: int = 2) -> None:
+def labelled_image(roll, scale: int = 2, bar_steps: int = BAR_STEPS) -> Image.Image:
+    """roll_image with axes a musician can read: C-1..C9 beside every C, and above each 256-step
+    chunk the number of every bar starting in it (every 2nd or 4th when bars are narrow)."""
+    picture = roll_image(roll, scale, bar_steps)
+    pitches, steps = _velocities(roll).shape
+    chunk_rows, width = pitches * scale, picture.shape[1]
+    chunks = picture.shape[0] // chunk_rows
+    image = Image.new(
+        "RGB", (NOTE_AXIS_PIXELS + width, chunks * (BAR_AXIS_PIXELS + chunk_rows)), (255, 255, 255)
+    )
+    draw, font = ImageDraw.Draw(image), ImageFont.load_default()
+    every = next(k for k in (1, 2, 4, 8, 16, 64) if k * bar_steps * scale >= 18)
+    for chunk in range(chunks):
+        top = chunk * (BAR_AXIS_PIXELS + chunk_rows) + BAR_AXIS_PIXELS
+        image.paste(
+            Image.fromarray(picture[chunk * chunk_rows : (chunk + 1) * chunk_rows]), (NOTE_AXIS_PIXELS, top)
+        )
+        for pitch in range(0, pitches, OCTAVE):
+            y = top + (pitches - 1 - pitch) * scale
+            draw.text((2, y - 5), f"C{pitch // OCTAVE - 1}", fill=(0, 0, 0), font=font)
+        first, last = chunk * CHUNK_STEPS, min(steps, (chunk + 1) * CHUNK_STEPS)
+        for bar in range(-(-first // bar_steps), -(-last // bar_steps)):
+            if bar % every == 0:
+                x = NOTE_AXIS_PIXELS + (bar * bar_steps - first) * scale
+                draw.text((x + 1, top - BAR_AXIS_PIXELS), str(bar + 1), fill=(0, 0, 0), font=font)
+    return image
+
+
+def save_png(path, roll, scale: int = 2, bar_steps: int = BAR_STEPS) -> None:
+    """Write labelled_image(roll, scale, bar_steps) as a PNG file."""
+    labelled_image(roll, scale, bar_steps).save(path, format="PNG")
+
+
+def save_gif(path, frames, duration_ms: int = 250, scale: int = 2, bar_steps: int = BAR_STEPS) -> None:
     """Write a [F, pitches, steps] sequence of rolls (e.g. generation steps) as a looping animated GIF.
 
     Each frame shows duration_ms, the last one 4x longer so the finished roll can be read.
@@ -163,7 +203,7 @@ def save_gif(path, frames, duration_ms: int = 250, scale: int = 2) -> None:
     frames = np.asarray(frames)
     if frames.ndim != 3 or frames.shape[0] == 0:
         raise ValueError(f"expected a non-empty [frames, pitches, steps] array, got shape {frames.shape}")
-    images = [Image.fromarray(roll_image(frame, scale)) for frame in frames]
+    images = [Image.fromarray(roll_image(frame, scale, bar_steps)) for frame in frames]
     durations = [int(duration_ms)] * (len(images) - 1) + [4 * int(duration_ms)]
     images[0].save(path, format="GIF", save_all=True, append_images=images[1:], duration=durations, loop=0)
 
@@ -185,22 +225,63 @@ def find_soundfont(soundfont=None) -> Path | None:
     return next((Path(p) for p in SOUNDFONT_PATHS if Path(p).is_file()), None)
 
 
-def save_wav(path, midi_path, soundfont=None, sample_rate: int = 44100) -> None:
-    """Render a MIDI file to a WAV file with FluidSynth and a General MIDI sound font.
+def audio_backend(soundfont=None) -> tuple[Path | None, str]:
+    """(the sound font FluidSynth will use, or None for pretty_midi's synthesiser; a sentence
+    saying which synthesiser plays and, for the fallback, how to get a piano sound)."""
+    font = find_soundfont(soundfont)  # a bad explicit font is an error, not a silent fallback
+    if shutil.which("fluidsynth") is None:
+        missing = "the fluidsynth command was not found"
+    elif font is None:
+        missing = f"no sound font was given, {SOUNDFONT_ENV} is unset and none of {', '.join(SOUNDFONT_PATHS)} exists"
+    else:
+        return font, f"FluidSynth with {font}"
+    return None, f"pretty_midi's own synthesiser (sine tones): {missing}; for a piano sound {_INSTALL_HINT}"
 
-    Raises AudioUnavailable (with install instructions) when the fluidsynth command or a
-    sound font is missing, RuntimeError when FluidSynth runs but writes no WAV."""
-    fluidsynth = shutil.which("fluidsynth")
-    if fluidsynth is None:
-        raise AudioUnavailable(f"the fluidsynth command was not found; {_INSTALL_HINT}")
-    font = find_soundfont(soundfont)
+
+def audio(midi_path, soundfont=None, sample_rate: int = 22050) -> tuple[np.ndarray, str]:
+    """(mono float32 samples in [-1, 1] of a MIDI file, which synthesiser made them)."""
+    font, backend = audio_backend(soundfont)
     if font is None:
-        raise AudioUnavailable(
-            f"no sound font given, {SOUNDFONT_ENV} is unset and none of {', '.join(SOUNDFONT_PATHS)} "
-            f"exists; {_INSTALL_HINT}"
-        )
+        import pretty_midi
+
+        samples = pretty_midi.PrettyMIDI(str(midi_path)).synthesize(fs=sample_rate)
+        return (samples / max(1.0, float(np.abs(samples).max(initial=0.0)))).astype(np.float32), backend
+    with tempfile.TemporaryDirectory() as folder:
+        rendered = Path(folder) / "audio.wav"
+        _fluidsynth_wav(rendered, midi_path, font, sample_rate)
+        with wave.open(str(rendered)) as f:
+            pcm = np.frombuffer(f.readframes(f.getnframes()), np.int16).reshape(-1, f.getnchannels())
+    return (pcm.mean(axis=1) / 32768).astype(np.float32), backend
+
+
+def save_wav(path, midi_path, soundfont=None, sample_rate: int = 44100) -> str:
+    """Render a MIDI file to a 16-bit WAV file: FluidSynth when installed, else pretty_midi's
+    synthesiser. Returns audio_backend's sentence; raises AudioUnavailable for a bad sound font."""
+    font, backend = audio_backend(soundfont)
     if not Path(midi_path).is_file():
         raise FileNotFoundError(f"no MIDI file at {midi_path}")
+    if font is not None:
+        _fluidsynth_wav(path, midi_path, font, sample_rate)
+        return backend
+    samples, _ = audio(midi_path, None, sample_rate)
+    Path(path).write_bytes(wav_bytes(samples, sample_rate))
+    return backend
+
+
+def wav_bytes(samples, sample_rate: int) -> bytes:
+    """Mono float samples in [-1, 1] as the bytes of a 16-bit WAV file."""
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as f:
+        f.setnchannels(1)
+        f.setsampwidth(2)
+        f.setframerate(int(sample_rate))
+        f.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
+    return buffer.getvalue()
+
+
+def _fluidsynth_wav(path, midi_path, font: Path, sample_rate: int) -> None:
+    """FluidSynth renders midi_path to a WAV file; RuntimeError if it writes none."""
+    fluidsynth = shutil.which("fluidsynth")
     # fluidsynth exits 0 even when it cannot read its inputs, so the output is checked instead
     out = Path(path)
     out.unlink(missing_ok=True)

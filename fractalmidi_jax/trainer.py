@@ -22,6 +22,7 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,7 +32,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from fractalmidi_jax import checkpoint as ckpt
-from fractalmidi_jax import data, midi, render, sharding, steps
+from fractalmidi_jax import data, midi, progress, render, sharding, steps
 from fractalmidi_jax import library as rolls
 from fractalmidi_jax import roll as roll_lib
 from fractalmidi_jax import sampler as sampler_lib
@@ -56,6 +57,8 @@ NONFINITE_ADVICE = (
     "nothing was saved after it, so the latest checkpoint is the last good one. Try a lower --lr, a "
     "longer --warmup_steps, --grad_clip, or --precision 32."
 )
+IMAGE_SCALE = 2  # pixels per cell in TensorBoard pictures: a 128 x 128 crop is 256 x 256
+AUDIO_SAMPLE_RATE = 16000  # enough for piano, small in the event file
 OOM_ADVICE = (
     "out of device memory. Remedies (the guide's): a smaller --train_batch_size (with "
     "--accumulate_grad_batches to keep the effective batch), --grad_checkpoint, --precision bf16, "
@@ -169,7 +172,8 @@ class StopRequest:
 
 
 class Progress:
-    """One line, rewritten in place: step, loss, steps/s, time left."""
+    """One line, rewritten in place on a terminal: optimizer step (as TensorBoard counts them, so
+    with --accumulate_grad_batches k one step is k batches), loss, steps/s, time left."""
 
     def __init__(self, total: int, start: int):
         self.total, self.start_step, self.start_time = total, start, time.perf_counter()
@@ -207,7 +211,8 @@ def validate(eval_step, params, batches, mesh, seed: int, limit: int) -> float:
     """NLL estimate in nats per cell over the fixed validation crops (the same masks every time)."""
     total = cells = 0.0
     key = jax.random.key(seed + 1)
-    for i, batch in enumerate(batches[:limit] if limit else batches):
+    chosen = batches[:limit] if limit else batches
+    for i, batch in enumerate(progress.track(chosen, "validating", len(chosen))):
         placed = sharding.global_batch(mesh, batch)
         loss_sum, reached = eval_step(params, placed["roll"], placed["weight"], jax.random.fold_in(key, i))
         total, cells = total + float(loss_sum), cells + float(reached)
@@ -215,13 +220,24 @@ def validate(eval_step, params, batches, mesh, seed: int, limit: int) -> float:
 
 
 def log_images(writer: Writer, step: int, config: Config, params, val_crops) -> None:
+    """Pictures of generated samples and validation crops (two pixels a cell, bar lines drawn),
+    and each generated sample's sound (FluidSynth if installed, else pretty_midi's synthesiser)."""
     run = sampler_lib.make_sampler(config, config.num_iter_list)
     cells, known = sampler_lib.unconditional_inputs(NUM_IMAGE_SAMPLES, config.crop_length)
     rolls, _ = run(params, cells, known, jax.random.key(config.seed + step), jnp.float32(1.0))
-    pictures = lambda tokens: render.grid_image([roll_lib.velocity_cells(t, config.roll) for t in tokens])
-    writer.image(step, "samples/generated", pictures(np.asarray(rolls)))
+    rolls = np.asarray(rolls)
+    pictures = lambda tokens: render.grid_image(
+        [roll_lib.velocity_cells(t, config.roll) for t in tokens], scale=IMAGE_SCALE
+    )
+    writer.image(step, "samples/generated", pictures(rolls))
     if val_crops is not None:
         writer.image(step, "samples/validation", pictures(val_crops[:NUM_IMAGE_SAMPLES]))
+    with tempfile.TemporaryDirectory() as folder:
+        for k, roll in enumerate(rolls):
+            path = Path(folder) / f"sample_{k}.mid"
+            midi.write_midi(path, roll_lib.roll_to_notes(roll, config.roll))
+            sound, _ = render.audio(path, sample_rate=AUDIO_SAMPLE_RATE)
+            writer.audio(step, f"samples/generated_{k}", sound, AUDIO_SAMPLE_RATE)
 
 
 def claim_output_dir(config: Config) -> RunLock:
@@ -343,7 +359,7 @@ def _train(config: Config, output_dir: Path) -> Path:
             ) from None
         log(f"\ncheckpoint {path.name} saving")
 
-    progress = Progress(micro_steps, start_step)
+    status_line = Progress(config.max_steps, optimizer_step(start_step))
     pending, last_log = [], time.perf_counter()
     started = time.perf_counter()
     step = start_step
@@ -368,7 +384,7 @@ def _train(config: Config, output_dir: Path) -> Path:
                     now = time.perf_counter()
                     values["samples_per_s"] = len(pending) * global_batch / (now - last_log)
                     writer.scalars(opt_step, {f"train/{k}": v for k, v in values.items()})
-                    progress.update(step, values["loss"])
+                    status_line.update(opt_step, values["loss"])
                     pending, last_log = [], now
                 over_time = (
                     config.max_train_minutes and time.perf_counter() - started > 60 * config.max_train_minutes
@@ -389,7 +405,7 @@ def _train(config: Config, output_dir: Path) -> Path:
                         config.num_val_batches,
                     )
                     writer.scalars(opt_step, {"val/loss": val_loss})
-                    progress.newline()
+                    status_line.newline()
                     log(f"validation at step {opt_step}: loss {val_loss:.4f} nats per cell")
                 if due(config.log_images_every_n_steps):
                     log_images(writer, opt_step, config, steps.eval_params(state), val_crops)
@@ -403,7 +419,7 @@ def _train(config: Config, output_dir: Path) -> Path:
                 raise SystemExit(f"error: {OOM_ADVICE}\n({str(error).splitlines()[0][:200]})") from None
             raise
         finally:
-            progress.newline()
+            status_line.newline()
             stop.restore()
             manager.close()
             writer.close()

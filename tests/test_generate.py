@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from tiny import TINY, stop_at, tiny_training, write_song
+from tiny import TINY, tiny_run, write_song
 
-from fractalmidi_jax import data, generation, midi, render, trainer
+from fractalmidi_jax import data, generation, midi, render
 from fractalmidi_jax import roll as roll_lib
 
 WIDTH = TINY.crop_length  # the default --target_width
@@ -32,11 +32,7 @@ def folder(tmp_path_factory):
     """songs/ (four MIDI files) and run/: a tiny model trained for 2 steps (stopped by SIGTERM,
     with test_train.py's tiny_training config, so that the compiled program is shared)."""
     folder = tmp_path_factory.mktemp("generate")
-    for k in range(4):
-        write_song(folder / "songs" / f"song_{k}.mid", seed=10 + k)
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        stop_at(monkeypatch, 2)
-        trainer.train(tiny_training(folder, output_dir=str(folder / "run")))
+    tiny_run(folder)
     return folder
 
 
@@ -60,8 +56,9 @@ def rolls(monkeypatch) -> list[np.ndarray]:
 
 
 def generate(checkpoint, out, *flags) -> dict:
-    """generation.main with 2 samples (unless flags say otherwise); its generation.json."""
-    argv = ["--checkpoint", checkpoint, "--output_dir", out, "--num_samples", 2, "--batch_size", BATCH]
+    """generation.main with 2 samples (unless flags say otherwise) written into `out`; its generation.json."""
+    argv = ["--checkpoint", checkpoint, "--output_dir", out, "--reuse_output_dir", "--num_samples", 2]
+    argv += ["--batch_size", BATCH]
     generation.main([str(a) for a in [*argv, *flags]])
     return json.loads((out / "generation.json").read_text())
 
@@ -94,8 +91,8 @@ def test_unconditional_writes_midi_pictures_and_report(checkpoint, tmp_path, rol
         written = midi.read_score(out / f"{stem}.mid")
         assert sample["notes"] == len(written.notes) == len(roll_lib.roll_to_notes(roll, TINY.roll)) > 0
         assert sample["sounding_cells"] == pytest.approx((roll > 0).mean())
-        with Image.open(out / f"{stem}.png") as png:
-            assert png.size == (2 * WIDTH, 2 * 128)
+        with Image.open(out / f"{stem}.png") as png:  # with the note-name and bar-number axes
+            assert png.size == (render.NOTE_AXIS_PIXELS + 2 * WIDTH, render.BAR_AXIS_PIXELS + 2 * 128)
         with Image.open(out / f"{stem}.gif") as gif:
             assert gif.size == (2 * WIDTH, 2 * 128) and gif.n_frames == 2  # one per level-0 round
 
@@ -213,13 +210,30 @@ def test_bad_target_width(checkpoint, width):
     )
 
 
-def test_save_wav_without_fluidsynth(checkpoint, tmp_path, monkeypatch):
-    """--save_wav without the fluidsynth command stops with the install hint."""
+def test_save_wav_without_fluidsynth(checkpoint, tmp_path, monkeypatch, capsys):
+    """--save_wav without the fluidsynth command writes pretty_midi's audio and says so, with the
+    install hint; generation.json records it."""
     monkeypatch.setattr(render.shutil, "which", lambda name: None)
-    flags = ["--output_dir", tmp_path, "--num_samples", 1, "--batch_size", BATCH, "--save_wav"]
-    message = error_of("--checkpoint", checkpoint, *flags)
-    assert message.startswith("error: the fluidsynth command was not found")
-    assert "apt install fluidsynth" in message and "--soundfont" in message
+    report = generate(checkpoint, tmp_path, "--num_samples", 1, "--save_wav")
+    assert report["samples"][0]["files"] == ["sample_000.mid", "sample_000.wav"]
+    assert report["audio"].startswith("pretty_midi's own synthesiser")
+    printed = capsys.readouterr().out
+    assert "audio: pretty_midi's own synthesiser" in printed and "apt install fluidsynth" in printed
+
+
+def test_each_run_gets_a_fresh_folder(checkpoint, tmp_path):
+    """Without --reuse_output_dir, runs go to run_0, run_1, ... inside --output_dir, each with an
+    index.html."""
+    for _ in range(2):
+        generation.main(
+            ["--checkpoint", str(checkpoint), "--output_dir", str(tmp_path), "--num_samples", "1"]
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run_0", "run_1"]
+    for run in ("run_0", "run_1"):
+        assert (tmp_path / run / "sample_000.mid").is_file() and (tmp_path / run / "index.html").is_file()
+        assert json.loads((tmp_path / run / "generation.json").read_text())["output_dir"] == str(
+            tmp_path / run
+        )
 
 
 def test_bad_counts_are_usage_errors(checkpoint):

@@ -1,4 +1,5 @@
-"""Tests of fractalmidi_jax.render: image layout and colours, PNG/GIF files, WAV via FluidSynth."""
+"""Tests of fractalmidi_jax.render: image layout and colours, PNG/GIF files with axes, WAV via
+FluidSynth or pretty_midi's synthesiser."""
 
 import shutil
 import wave
@@ -90,13 +91,26 @@ def test_grid_image():
     assert grid_image(rolls[:1]).shape == (256, 256, 3)
 
 
-def test_png_reads_back(tmp_path):
+def test_png_reads_back_with_axes(tmp_path):
+    """The PNG is roll_image's chunks, each below a strip of bar numbers, right of note names."""
     roll = empty(300)
     roll[64, 10:20] = 80
     save_png(tmp_path / "roll.png", roll, scale=2)
+    left, strip = render.NOTE_AXIS_PIXELS, render.BAR_AXIS_PIXELS
     with Image.open(tmp_path / "roll.png") as png:
-        assert png.format == "PNG" and png.size == (512, 512)
-        assert (np.asarray(png.convert("RGB")) == roll_image(roll, scale=2)).all()
+        assert png.format == "PNG" and png.size == (left + 512, 2 * (strip + 256))
+        pixels = np.asarray(png.convert("RGB"))
+    picture = roll_image(roll, scale=2)
+    assert (pixels[strip : strip + 256, left:] == picture[:256]).all()
+    assert (pixels[2 * strip + 256 :, left:] == picture[256:]).all()
+    assert (pixels[:, :left] < 128).any() and (pixels[:strip, left:] < 128).any()  # labels are drawn
+
+
+def test_bar_lines_follow_the_meter():
+    """bar_steps=12 (3/4) draws bar lines every 12 steps instead of 16."""
+    columns = lambda image: {x for x in range(64) if (image[127 - 70, x] == render._GRID_RGB).all()}
+    assert columns(roll_image(empty(64), scale=1, bar_steps=12)) == {0, 12, 24, 36, 48, 60}
+    assert columns(roll_image(empty(64), scale=1)) == {0, 16, 32, 48}
 
 
 def test_gif_frames(tmp_path):
@@ -114,20 +128,24 @@ def test_gif_frames(tmp_path):
     assert durations == [100, 100, 100, 100, 400]
 
 
-def test_save_wav_without_fluidsynth(tmp_path, monkeypatch):
+def test_save_wav_without_fluidsynth_uses_pretty_midi(tmp_path, monkeypatch):
+    """Without FluidSynth the WAV comes from pretty_midi's synthesiser, and the returned sentence
+    says so, with the install hint."""
     monkeypatch.setattr(shutil, "which", lambda name: None)
-    with pytest.raises(AudioUnavailable, match="sudo apt install fluidsynth fluid-soundfont-gm") as err:
-        save_wav(tmp_path / "out.wav", tmp_path / "in.mid")
-    assert "brew install fluid-synth" in str(err.value) and "FRACTALMIDI_SOUNDFONT" in str(err.value)
-    assert isinstance(err.value, RuntimeError)
+    write_midi(tmp_path / "in.mid", [[0, 8, 60, 100], [4, 12, 64, 80]])
+    backend = save_wav(tmp_path / "out.wav", tmp_path / "in.mid", sample_rate=8000)
+    assert backend.startswith("pretty_midi's own synthesiser") and "apt install fluidsynth" in backend
+    with wave.open(str(tmp_path / "out.wav")) as wav:
+        assert wav.getframerate() == 8000 and wav.getnframes() >= 8000  # 12 steps at 120 bpm = 1.5 s
+        assert np.abs(np.frombuffer(wav.readframes(wav.getnframes()), np.int16)).max() > 1000
 
 
-def test_save_wav_without_soundfont(tmp_path, monkeypatch):
+def test_without_soundfont_falls_back_but_a_bad_one_is_an_error(tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/fluidsynth")
     monkeypatch.setattr(render, "SOUNDFONT_PATHS", (str(tmp_path / "missing.sf2"),))
     monkeypatch.delenv(render.SOUNDFONT_ENV, raising=False)
-    with pytest.raises(AudioUnavailable, match="fluid-soundfont-gm"):
-        save_wav(tmp_path / "out.wav", tmp_path / "in.mid")
+    font, backend = render.audio_backend()
+    assert font is None and "no sound font was given" in backend and "fluid-soundfont-gm" in backend
     monkeypatch.setenv(render.SOUNDFONT_ENV, str(tmp_path / "missing.sf2"))
     with pytest.raises(AudioUnavailable, match="FRACTALMIDI_SOUNDFONT"):
         save_wav(tmp_path / "out.wav", tmp_path / "in.mid")

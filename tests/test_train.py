@@ -48,7 +48,8 @@ def assert_trees_equal(a, b) -> None:
 
 
 def read_events(log_dir: Path) -> tuple[dict[str, dict[int, float]], set[str]]:
-    """(scalars by tag and step, image tags) of a TensorBoard log folder (TFRecord framing)."""
+    """(scalars by tag and step, image and audio tags) of a TensorBoard log folder (TFRecord
+    framing); text and HParams entries are left out (tests/test_writer.py reads those)."""
     from tensorboardX.proto import event_pb2
 
     scalars, images = {}, set()
@@ -59,9 +60,9 @@ def read_events(log_dir: Path) -> tuple[dict[str, dict[int, float]], set[str]]:
             event = event_pb2.Event.FromString(raw[pos + 12 : pos + 12 + length])
             pos += 12 + length + 4
             for value in event.summary.value:
-                if value.HasField("image"):
+                if value.WhichOneof("value") in ("image", "audio"):
                     images.add(value.tag)
-                else:
+                elif value.WhichOneof("value") == "simple_value":
                     scalars.setdefault(value.tag, {})[event.step] = value.simple_value
     return scalars, images
 
@@ -214,7 +215,8 @@ def test_tensorboard_logs(runs, config):
     assert all(np.isfinite(v) for v in scalars["train/loss"].values())
     assert images == set()
     _, images = read_events(runs / "full" / "logs" / "version_0")
-    assert images == {"samples/generated", "samples/validation"}
+    sounds = {f"samples/generated_{k}" for k in range(trainer.NUM_IMAGE_SAMPLES)}
+    assert images == {"samples/generated", "samples/validation"} | sounds
 
 
 def test_fine_tune_at_another_crop_length(runs, config, capsys):

@@ -77,6 +77,20 @@ def write_song(path: Path, seed: int, num_steps: int = 128) -> Path:
     return path
 
 
+def tiny_run(folder: Path) -> Path:
+    """folder/songs (four random songs) and folder/run: the tiny model trained for 2 steps
+    (stopped by a SIGTERM, with tiny_training's config so the compiled programs are shared);
+    returns the run's latest checkpoint."""
+    import pytest
+
+    for k in range(4):
+        write_song(folder / "songs" / f"song_{k}.mid", seed=10 + k)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        stop_at(monkeypatch, 2)
+        trainer.train(tiny_training(folder, output_dir=str(folder / "run")))
+    return folder / "run" / "checkpoints" / "latest"
+
+
 def stop_at(monkeypatch, micro_step: int) -> None:
     """The next trainer.train gets a SIGTERM while it takes the batch of `micro_step` (1-based),
     as a preemption would: it finishes that step, saves a checkpoint and returns."""
