@@ -49,9 +49,7 @@ class Config:
     val_crops_per_file: int = 4  # fixed validation crops taken from each validation file
 
     # --- model ---
-    roll: str = (
-        "note"  # cell encoding: note (silence / onset of velocity v / sustain) or velocity (the original's)
-    )
+    roll: str = "note"  # cells: note (silence, onset of velocity v, sustain) or velocity (the original's)
     img_size_list: tuple[int, ...] = (128, 16, 4, 1)  # canvas side per level; the last level is one cell
     embed_dim_list: tuple[int, ...] = (512, 256, 128, 64)  # transformer width per level
     num_blocks_list: tuple[int, ...] = (12, 3, 2, 1)  # transformer blocks per level
@@ -365,7 +363,12 @@ def save_yaml(config: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
-CHOICES = {"generator_types": GENERATOR_TYPES, "scan_order": SCAN_ORDERS, "precision": PRECISIONS}
+CHOICES = {
+    "generator_types": GENERATOR_TYPES,
+    "scan_order": SCAN_ORDERS,
+    "precision": PRECISIONS,
+    "roll": ROLL_KINDS,
+}
 
 
 @functools.cache
