@@ -67,7 +67,9 @@ def test_a_signal_to_one_process_stops_all_at_one_step(tmp_path, compilation_cac
         output_dir=str(tmp_path / "out"),
     )
     options = midi.ReadOptions(include_drums=config.include_drums, sustain_pedal=config.sustain_pedal)
-    rolls.RollLibrary(config.train_data, options, config.cache_dir, num_workers=0)  # warm the roll cache
+    rolls.RollLibrary(
+        config.train_data, options, config.roll, config.cache_dir, num_workers=0
+    )  # warm the roll cache
     save_yaml(config, tmp_path / "config.yaml")
     (tmp_path / "worker.py").write_text(WORKER)
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f]
