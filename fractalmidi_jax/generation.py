@@ -114,10 +114,9 @@ def keep_border_notes_whole(tokens_PxW: np.ndarray, region_PxW: np.ndarray, kind
     inside_before[:, 1:] = np.cumsum(region_PxW, axis=1)
     inside = inside_before[pitch, end] - inside_before[pitch, onset]
     crossing = (inside > 0) & (inside < end - onset)
-    length = (end - onset)[crossing]
-    steps = np.repeat(onset[crossing] - np.cumsum(length) + length, length) + np.arange(length.sum())
+    cell_pitch, cell_step, _ = roll_lib.note_cells(onset[crossing], end[crossing], pitch[crossing])
     region = region_PxW.copy()
-    region[np.repeat(pitch[crossing], length), steps] = False
+    region[cell_pitch, cell_step] = False
     return region
 
 

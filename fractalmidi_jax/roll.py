@@ -77,11 +77,12 @@ def _resolve_overlaps(notes) -> tuple[np.ndarray, ...]:
     return onset, np.minimum(end, next_onset), pitch, velocity, next_onset
 
 
-def _paint(roll, onset, length, pitch, values_per_cell):
-    run_start = np.repeat(np.cumsum(length) - length, length)
-    steps = np.repeat(onset, length) + np.arange(int(length.sum())) - run_start
-    roll[np.repeat(pitch, length), steps] = values_per_cell(steps - np.repeat(onset, length))
-    return roll
+def note_cells(onset, end, pitch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(pitch, step, steps since the onset) of every cell of the notes [onset, end) of `pitch`,
+    note after note."""
+    length = np.asarray(end) - onset
+    since_onset = np.arange(int(length.sum())) - np.repeat(np.cumsum(length) - length, length)
+    return np.repeat(pitch, length), np.repeat(onset, length) + since_onset, since_onset
 
 
 def notes_to_roll(notes, num_steps: int, kind: str) -> np.ndarray:
@@ -95,14 +96,13 @@ def notes_to_roll(notes, num_steps: int, kind: str) -> np.ndarray:
     end = np.minimum(end, num_steps)
     if check_kind(kind) == "velocity":
         end = end - ((end == next_onset) & (end - onset >= 2))  # the gap before a repeated onset
-    length = end - onset
+    cell_pitch, cell_step, since_onset = note_cells(onset, end, pitch)
+    cell_velocity = np.repeat(velocity, end - onset)
+    if kind == "note":
+        cell_velocity = cell_velocity + np.where(since_onset == 0, 0, SUSTAIN)
     roll = np.zeros((NUM_PITCHES, num_steps), np.uint8)
-    note_velocity = np.repeat(velocity, length)
-    if kind == "velocity":
-        return _paint(roll, onset, length, pitch, lambda offset: note_velocity)
-    return _paint(
-        roll, onset, length, pitch, lambda offset: np.where(offset == 0, 0, SUSTAIN) + note_velocity
-    )
+    roll[cell_pitch, cell_step] = cell_velocity
+    return roll
 
 
 def crop_tokens(window_PxL: np.ndarray, kind: str) -> np.ndarray:
@@ -173,11 +173,11 @@ def velocity_cells(roll, kind: str) -> np.ndarray:
     cells = np.asarray(roll)
     if check_kind(kind) == "velocity":
         return cells.astype(np.uint8)
-    notes = roll_to_notes(cells, kind)
+    onset, end, pitch, velocity = roll_to_notes(cells, kind).T.astype(np.int64)
+    cell_pitch, cell_step, _ = note_cells(onset, end, pitch)
     out = np.zeros(cells.shape, np.uint8)
-    onset, end, pitch, velocity = notes.T.astype(np.int64)
-    length = end - onset
-    return _paint(out, onset, length, pitch, lambda offset: np.repeat(velocity, length))
+    out[cell_pitch, cell_step] = np.repeat(velocity, end - onset)
+    return out
 
 
 # --- what the network sees ---
