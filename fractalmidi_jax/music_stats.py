@@ -67,7 +67,7 @@ from pathlib import Path
 import numpy as np
 
 from fractalmidi_jax import midi
-from fractalmidi_jax.roll import NUM_PITCHES
+from fractalmidi_jax.roll import NUM_PITCHES, note_cells
 
 BAR_STEPS = 16
 WINDOW_STEPS = 128
@@ -215,11 +215,9 @@ def continuity_counts(notes: np.ndarray) -> np.ndarray:
     num_steps = int(notes[:, 1].max())
     notes = notes[np.argsort(notes[:, 0], kind="stable")]  # later onsets paint last
     onset, end, pitch, velocity = (notes[:, i].astype(np.int64) for i in range(4))
-    length = end - onset
-    first_cell = np.cumsum(length) - length
-    steps = np.repeat(onset - first_cell, length) + np.arange(length.sum())
+    cell_pitch, cell_step, _ = note_cells(onset, end, pitch)
     velocity_TxP = np.zeros((num_steps, NUM_PITCHES), np.int16)
-    velocity_TxP[steps, np.repeat(pitch, length)] = np.repeat(velocity, length)
+    velocity_TxP[cell_step, cell_pitch] = np.repeat(velocity, end - onset)
     sounding = velocity_TxP > 0
     pairs = sounding[1:] & sounding[:-1]
     same = pairs & (velocity_TxP[1:] == velocity_TxP[:-1])
