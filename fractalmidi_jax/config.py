@@ -59,6 +59,12 @@ class Config:
     mask_ratio_loc: float = 1.0  # MAR mask ratio ~ truncated normal(loc, scale) on [loc - 4 scale, loc]
     mask_ratio_scale: float = 0.5  # see mask_ratio_loc
     border_context: bool = True  # each patch below level 0 also sees the cells left of its border
+    conditions: tuple[
+        str, ...
+    ] = ()  # per-bar conditions of level 0 computed from the roll (conditions.py): chords, density
+    condition_dropout: float = (
+        0.1  # training: chance that a sample loses all its conditions, and each one alone
+    )
     token_budget: float = 0.0  # tokens passed down per sequence, as a fraction (0 = the mean mask ratio)
     attn_dropout: float = 0.1  # dropout on attention weights
     proj_dropout: float = 0.1  # dropout after attention and MLP projections
@@ -185,6 +191,7 @@ class Config:
             errors.append(
                 f"mask_ratio_loc={self.mask_ratio_loc} must be in (0, 1]: it is a fraction of tokens"
             )
+        errors += self._condition_errors()
         if self.seed < 0:
             errors.append(f"seed={self.seed} must not be negative")
         if not 0.0 <= self.token_budget <= 1.0:
@@ -238,6 +245,32 @@ class Config:
         if errors:
             raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
         return self
+
+    def _condition_errors(self) -> list[str]:
+        errors = []
+        if not 0.0 <= self.condition_dropout < 1.0:
+            errors.append(f"condition_dropout={self.condition_dropout} must be in [0, 1)")
+        if not self.conditions:
+            return errors
+        from fractalmidi_jax.conditions import BAR_STEPS, CONDITIONS  # JAX: only for a conditional model
+
+        errors += [
+            f"conditions: {name!r} is not a condition; use some of {', '.join(CONDITIONS)}"
+            for name in self.conditions
+            if name not in CONDITIONS
+        ]
+        if len(set(self.conditions)) != len(self.conditions):
+            errors.append(f"conditions {','.join(self.conditions)} names one twice")
+        if self.img_size_list[1:2] != (BAR_STEPS,):
+            errors.append(
+                f"conditions are per bar: they need img_size_list[1] = {BAR_STEPS} (a level-0 patch is a bar)"
+            )
+        if self.generator_types[:1] == ("ar",):
+            errors.append(
+                "conditions need a MAR level 0 (generator_types mar,...): an AR level 0 would see a bar's "
+                "conditions only after predicting its first patch"
+            )
+        return errors
 
 
 class ConfigError(ValueError):

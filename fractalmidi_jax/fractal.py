@@ -13,6 +13,8 @@ Loss (one static shape per run):
  4. The head scores every cell that arrives; the loss is the weighted sum of cross-entropies
     over the number of cells reached: an unbiased estimate of the original's loss, the mean
     over reached cells.
+With `conditions`, level 0's columns also carry each bar's condition vector, computed from the
+roll itself and dropped at random in training (conditions.py).
 """
 
 import jax
@@ -20,17 +22,25 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from fractalmidi_jax import conditions as conditions_lib
 from fractalmidi_jax import grid as grid_lib
 from fractalmidi_jax import masking
 from fractalmidi_jax import roll as roll_lib
 from fractalmidi_jax.ar import ARLevel
 from fractalmidi_jax.config import Config
 from fractalmidi_jax.head import CellHead
-from fractalmidi_jax.level import NUM_HANDOFF_CONDS, gather_borders, num_conds, time_offsets
+from fractalmidi_jax.level import (
+    NUM_HANDOFF_CONDS,
+    ConditionedColumns,
+    gather_borders,
+    num_conds,
+    time_offsets,
+)
 from fractalmidi_jax.mar import MARLevel
 
 # A level kind: a module with train / counts / generate (see mar.py); generator_types names them.
 LEVEL_KINDS = {"mar": MARLevel, "ar": ARLevel}
+CONDITION_STREAM = 7  # the loss's key folded with this draws which conditions a sample keeps
 
 
 class FractalModel(nnx.Module):
@@ -39,6 +49,10 @@ class FractalModel(nnx.Module):
             [LEVEL_KINDS[config.generator_types[k]](config, k, rngs) for k in range(config.num_levels)]
         )
         self.head = CellHead(config, rngs)
+        if config.conditions:  # created last: an unconditional model's parameters stay as they were
+            self.conditions = conditions_lib.ConditionEmbedding(
+                config.conditions, config.embed_dim_list[0], config.compute_dtype(), rngs
+            )
 
 
 def build_model(config: Config, seed: int = 0) -> FractalModel:
@@ -95,9 +109,9 @@ def fractal_loss(model: FractalModel, config: Config, roll_BxHxW, rng, train: bo
     batch, height, width = roll_BxHxW.shape
     sizes = config.img_size_list
     full_width = padded_width(config, width)
-    cells = jnp.pad(roll_BxHxW.astype(jnp.int32), ((0, 0), (0, 0), (0, full_width - width)))
+    cells_BxHxW = jnp.pad(roll_BxHxW.astype(jnp.int32), ((0, 0), (0, 0), (0, full_width - width)))
     in_roll = jnp.broadcast_to(jnp.arange(full_width) < width, (batch, height, full_width))
-    cells, in_roll = grid_lib.patchify(cells, sizes[1]), grid_lib.patchify(in_roll, sizes[1])
+    cells, in_roll = grid_lib.patchify(cells_BxHxW, sizes[1]), grid_lib.patchify(in_roll, sizes[1])
     num_tokens = tokens_per_level(config, width)
     level_budgets = budgets(config, width)
     rng_counts, rng_offset, rng_levels = jax.random.split(rng, 3)
@@ -106,6 +120,15 @@ def fractal_loss(model: FractalModel, config: Config, roll_BxHxW, rng, train: bo
     weight = sample_weight
     trunk0 = model.levels[0].trunk
     col_offset = time_offsets(rng_offset if train else None, batch, full_width // sizes[1], trunk0.max_cols)
+    if config.conditions:
+        features = conditions_lib.from_roll(config.conditions, cells_BxHxW, config.roll)
+        given = jnp.ones((batch, len(config.conditions)), bool)
+        if train:
+            condition_rng = jax.random.fold_in(rng, CONDITION_STREAM)
+            given = conditions_lib.draw_given(
+                condition_rng, len(config.conditions), batch, config.condition_dropout
+            )
+        col_offset = ConditionedColumns(col_offset, model.conditions(features, given))
     conds = border = None
     stats = {}
     for k, (level, level_rng) in enumerate(

@@ -39,6 +39,7 @@ class CellHead(nnx.Module):
         x, _ = self.transformer(self.cond_proj(cond_NxE)[:, None, :])
         return jnp.dot(x[:, 0].astype(jnp.float32), self.codebook[...].T) + self.bias[...]
 
-    def sample(self, cond_NxE, rng, temperature: float):
-        logits = self.logits(cond_NxE)
+    def sample(self, cond_NxE, rng, temperature: float, guide=None):
+        """One token per cell; `guide` (the sampler's classifier-free guidance) maps the logits first."""
+        logits = self.logits(cond_NxE) if guide is None else guide(self.logits(cond_NxE))
         return jax.random.categorical(rng, logits / jnp.maximum(temperature, 1e-6)).astype(jnp.int32)

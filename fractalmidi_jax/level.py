@@ -40,6 +40,15 @@ class Border(NamedTuple):
     known: jax.Array
 
 
+class ConditionedColumns(NamedTuple):
+    """Level 0's columns with per-bar conditions (conditions.py): the first column of the position
+    table per sequence (N ints, or None for column 0) and the vector every token of a column adds
+    (N x cols x D). A level passes it where it takes col_offset_N; only `positions` reads it."""
+
+    offset_N: jax.Array | None
+    vectors_NxColsxD: jax.Array
+
+
 def num_conds(config: Config, level: int) -> int:
     """Condition tokens of a level: the start token at level 0; below, the parent's hand-off and
     the border token (with border_context)."""
@@ -104,8 +113,12 @@ class LevelTrunk(nnx.Module):
 
     def positions(self, grid_index_L, cols: int, col_offset_N=None):
         """Position embeddings of tokens at the given grid indices: L x D, or N x L x D when
-        each sequence starts at its own column (level 0 in training)."""
+        each sequence starts at its own column (level 0 in training); plus the columns' condition
+        vectors when `col_offset_N` is ConditionedColumns."""
         rows_L, cols_L = grid_index_L // cols, grid_index_L % cols
+        if isinstance(col_offset_N, ConditionedColumns):
+            plain = self.positions(grid_index_L, cols, col_offset_N.offset_N)
+            return (plain + col_offset_N.vectors_NxColsxD[:, cols_L]).astype(self.dtype)
         if col_offset_N is None:
             return (self.row_pos[...][rows_L] + self.col_pos[...][cols_L]).astype(self.dtype)
         col_NxLxD = self.col_pos[...][cols_L[None, :] + col_offset_N[:, None]]

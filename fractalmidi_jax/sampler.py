@@ -9,6 +9,13 @@ the last level is the head, which draws one token per cell at `temperature`.
 Level 0 samples at the time offset training covered best (level.sampling_offsets).
 Known cells (continuation prompts, inpainting surroundings) are visible from the first round
 and copied through, so they come back bit-identical and the rest is conditioned on them.
+
+Per-bar conditions (conditions.py) add their vectors to level 0's columns; a model trained with
+them and given none samples with the null vectors (unconditional). Classifier-free guidance at
+scale S (`guided`) draws every cell from (1 - S) uncond + S cond logits: the whole recursion runs
+twice under `vmap`, once with the asked conditions and once with none, on one canvas (both runs
+draw with the same keys from the same logits, so they write the same cells). Guiding at the
+head is the exact CFG of the cell distribution; it costs twice the sampling compute.
 """
 
 import functools
@@ -18,18 +25,23 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fractalmidi_jax import conditions as conditions_lib
 from fractalmidi_jax import grid as grid_lib
 from fractalmidi_jax.config import NUM_PITCHES, Config
 from fractalmidi_jax.fractal import FractalModel, build_model, padded_width
-from fractalmidi_jax.level import NUM_HANDOFF_CONDS, gather_borders, sampling_offsets
+from fractalmidi_jax.level import NUM_HANDOFF_CONDS, ConditionedColumns, gather_borders, sampling_offsets
+
+GUIDANCE_AXIS = "guidance"  # the vmap axis of guided sampling: 0 = with the conditions, 1 = without
 
 
 class _Sampler:
     """Holds the static choices of one sampling program."""
 
-    def __init__(self, model: FractalModel, config: Config, num_iter_list, temperature):
+    def __init__(self, model: FractalModel, config: Config, num_iter_list, temperature, bar_vectors, cfg):
         self.model, self.config = model, config
         self.num_iter_list, self.temperature = num_iter_list, temperature
+        self.bar_vectors = bar_vectors  # N x Bars x D condition vectors of level 0's columns, or None
+        self.cfg = cfg  # the guidance scale under vmap over GUIDANCE_AXIS, or None (no guidance)
         self.frames = []  # level-0 canvases, one per round (MAR) or per 1/16 of the scan (AR)
 
     def level(self, k, conds, cells_NxHxW, known_NxHxW, border, rng):
@@ -41,6 +53,8 @@ class _Sampler:
         cells = grid_lib.patchify(cells_NxHxW, p)
         known = grid_lib.patchify(known_NxHxW, p)
         col_offset = sampling_offsets(n, grid.cols, level.trunk.max_cols) if k == 0 else None
+        if k == 0 and self.bar_vectors is not None:
+            col_offset = ConditionedColumns(col_offset, self.bar_vectors)
         cells = level.generate(self, k, grid, conds, cells, known, border, num_out, rng, col_offset)
         return grid_lib.unpatchify(cells, grid.rows, grid.cols, p)
 
@@ -52,12 +66,19 @@ class _Sampler:
         trunk = self.model.levels[k].trunk
         return gather_borders(trunk.child_borders(cells_NxLxP, visible_NxL, border, grid), index_NxK)
 
+    def guide(self, logits_NxV):
+        """Classifier-free guidance across the two vmapped runs; the logits as they are without."""
+        if self.cfg is None:
+            return logits_NxV
+        cond, uncond = jax.lax.all_gather(logits_NxV, GUIDANCE_AXIS)
+        return (1.0 - self.cfg) * uncond + self.cfg * cond
+
     def children(self, k, conds_NxKxOxD, cells_NxKxP, known_NxKxP, borders, rng):
         """Fills the given patches with level k + 1 (or the head)."""
         n, count = cells_NxKxP.shape[:2]
         flat = lambda x: x.reshape((n * count,) + x.shape[2:])
         if k == self.config.num_levels - 1:
-            drawn = self.model.head.sample(flat(conds_NxKxOxD)[:, 0], rng, self.temperature)
+            drawn = self.model.head.sample(flat(conds_NxKxOxD)[:, 0], rng, self.temperature, self.guide)
             out = jnp.where(flat(known_NxKxP)[:, 0], flat(cells_NxKxP)[:, 0], drawn)
         else:
             side = self.config.img_size_list[k + 1]
@@ -73,33 +94,67 @@ class _Sampler:
 
 
 def sample(
-    model: FractalModel, config: Config, known_cells_BxHxW, known_mask_BxHxW, rng, num_iter_list, temperature
+    model: FractalModel,
+    config: Config,
+    known_cells_BxHxW,
+    known_mask_BxHxW,
+    rng,
+    num_iter_list,
+    temperature,
+    conditions=None,
+    cfg=None,
 ):
     """Returns (rolls B x 128 x W int32, frames F x B x 128 x W: the canvas after each level-0
-    round, or every 1/16 of an AR level 0). Not jitted; see `make_sampler`."""
+    round, or every 1/16 of an AR level 0). `conditions` is (features {name: B x Bars x size},
+    given B x K) for a model trained with conditions (None: none given); `cfg` a guidance scale
+    (None: no guidance). Not jitted; see `make_sampler`."""
     batch, height, width = known_cells_BxHxW.shape
     full_width = padded_width(config, width)
     pad = ((0, 0), (0, 0), (0, full_width - width))
     cells = jnp.pad(known_cells_BxHxW.astype(jnp.int32), pad)
     known = jnp.pad(known_mask_BxHxW.astype(bool), pad)
-    sampler = _Sampler(model, config, tuple(num_iter_list), temperature)
-    rolls = sampler.level(0, None, cells, known, None, rng)[:, :, :width]
-    frames = jnp.stack([f[:, :, :width] for f in sampler.frames]) if sampler.frames else rolls[None]
-    return rolls, frames
+    if config.conditions and conditions is None:
+        conditions = conditions_lib.nothing_given(
+            config.conditions, batch, full_width // config.img_size_list[1]
+        )
+
+    def one_run(given_BxK):
+        bar_vectors = model.conditions(conditions[0], given_BxK) if config.conditions else None
+        sampler = _Sampler(model, config, tuple(num_iter_list), temperature, bar_vectors, cfg)
+        rolls = sampler.level(0, None, cells, known, None, rng)[:, :, :width]
+        frames = jnp.stack([f[:, :, :width] for f in sampler.frames]) if sampler.frames else rolls[None]
+        return rolls, frames
+
+    if cfg is None:
+        return one_run(conditions[1] if config.conditions else None)
+    given_2xBxK = jnp.stack([jnp.asarray(conditions[1]), jnp.zeros_like(conditions[1])])
+    rolls, frames = jax.vmap(one_run, axis_name=GUIDANCE_AXIS)(given_2xBxK)
+    return rolls[0], frames[0]
 
 
 @functools.lru_cache(maxsize=16)
 def make_sampler(config: Config, num_iter_list: tuple[int, ...]):
-    """The jitted program: (params, known_cells, known_mask, rng, temperature) -> (rolls, frames).
-    One compile per (batch, width); a second call with the same shapes reuses it. Level 0's
-    blocks run under `lax.scan` whatever the training config says (same weights): its rounds
-    are unrolled, and unrolled blocks in each would compile 1.5x longer for no faster sampling."""
+    """The jitted program: (params, known_cells, known_mask, rng, temperature[, conditions[, cfg]])
+    -> (rolls, frames), `sample`'s arguments. One compile per (batch, width, guided or not); a
+    second call with the same shapes reuses it. Level 0's blocks run under `lax.scan` whatever the
+    training config says (same weights): its rounds are unrolled, and unrolled blocks in each
+    would compile 1.5x longer for no faster sampling."""
     graphdef = nnx.split(nnx.eval_shape(lambda: build_model(config.replace(scan_layers=True))))[0]
 
     @jax.jit
-    def run(params, known_cells_BxHxW, known_mask_BxHxW, rng, temperature):
+    def run(params, known_cells_BxHxW, known_mask_BxHxW, rng, temperature, conditions=None, cfg=None):
         model = nnx.merge(graphdef, params)
-        return sample(model, config, known_cells_BxHxW, known_mask_BxHxW, rng, num_iter_list, temperature)
+        return sample(
+            model,
+            config,
+            known_cells_BxHxW,
+            known_mask_BxHxW,
+            rng,
+            num_iter_list,
+            temperature,
+            conditions,
+            cfg,
+        )
 
     return run
 

@@ -51,6 +51,7 @@ ARCHITECTURE_FIELDS = (
     "generator_types",
     "scan_order",
     "max_crop_length",
+    "conditions",
 )
 NUM_IMAGE_SAMPLES = 4
 NONFINITE_ADVICE = (
