@@ -9,6 +9,15 @@ Modes:
 - inpainting: the first `target_width` steps of `input_midi` are known except the region
   [mask_start, mask_end) x [mask_pitch_low, mask_pitch_high], which is regenerated.
 
+Conditions and whole pieces (both modes but inpainting may have them):
+- a model trained with `--conditions` follows per-bar chords and density (`--chords "C G Am F"`,
+  `--density 8`; conditions.py), guided at `--cfg` (1 = plain conditional; classifier-free
+  guidance, sampler.py). A model trained without refuses them.
+- `--num_bars N` (bars of 16 steps) writes a piece longer than the model's width by windows of
+  `--target_width`: each window after the first keeps the last `--overlap_bars` of the piece so
+  far as known cells (the continuation machinery) and writes on; a condition list covers the
+  whole piece, each window reading its own bars.
+
 Notes at the region's border (rule): a note of the input that lies partly inside the region
 and partly outside is kept whole, as context; only notes wholly inside are regenerated. So
 every note that is not wholly inside the region comes back note for note (onset, pitch,
@@ -30,6 +39,7 @@ import numpy as np
 from flax import nnx
 
 from fractalmidi_jax import checkpoint as ckpt
+from fractalmidi_jax import conditions as conditions_lib
 from fractalmidi_jax import data, html_index, midi, progress, render, sharding, steps
 from fractalmidi_jax import grid as grid_lib
 from fractalmidi_jax import roll as roll_lib
@@ -42,6 +52,13 @@ from fractalmidi_jax.writer import next_numbered_dir
 
 MODES = ("unconditional", "continuation", "inpainting")
 BATCH_SIZE = 4  # samples per sampler call unless told: the CLI and the API draw the same music
+BAR_STEPS = conditions_lib.BAR_STEPS  # --num_bars and --overlap_bars count bars of 16 steps
+NUM_BARS_MODES = (
+    "--num_bars writes a new piece (unconditional or continuation); inpainting edits its input's width"
+)
+WINDOW_STREAM = (
+    1 << 20
+)  # the seed's key folded with this, then the window index, keys windows after the first
 
 
 class GenerationError(ValueError):
@@ -127,6 +144,23 @@ def steps_of(steps: int | None, bars: float | None, score: midi.Score, name: str
     return steps if bars is None else round(bars * score.bar_steps)
 
 
+def window_starts(total: int, window: int, overlap_bars: int) -> tuple[int, ...]:
+    """First steps of the windows that write `total` steps: each after the first starts
+    overlap_bars (0 = half a window) before the end of the one before; the last ends at the end."""
+    if total <= window:
+        return (0,)
+    window_bars = window // BAR_STEPS
+    overlap = overlap_bars or window_bars // 2
+    if not 0 < overlap < window_bars:
+        raise GenerationError(
+            f"--overlap_bars {overlap} must be from 1 to {window_bars - 1}: a window is {window_bars} bars"
+        )
+    starts = [0]
+    while starts[-1] + window < total:
+        starts.append(min(starts[-1] + window - overlap * BAR_STEPS, total - window))
+    return tuple(starts)
+
+
 def empty_canvas(width: int) -> tuple[np.ndarray, np.ndarray]:
     return np.zeros((NUM_PITCHES, width), np.uint8), np.zeros((NUM_PITCHES, width), bool)
 
@@ -203,6 +237,8 @@ class Samples:
     num_iter_list: tuple[int, ...]
     compile_seconds: float
     seconds_per_batch: list[float]
+    window_starts: tuple[int, ...] = (0,)  # first step of each window of a piece
+    window_steps: int = 0  # width of a window (the whole roll when there is one)
 
 
 class Generator:
@@ -213,10 +249,12 @@ class Generator:
         songs[0].write("first.mid")  # each is a pretty_midi.PrettyMIDI
         more = model.continuation("song.mid", prompt_bars=2, num_samples=2)
         edits = model.inpainting("song.mid", mask_start_bar=2, mask_end_bar=4)
+        piece = model.generate(num_bars=64, chords="C G Am F", density=8, cfg=2.0)
 
-    Keyword arguments are generate.py's flags of the same names. With return_rolls=True a call
-    returns (songs, cell-token rolls [N, 128, W], roll.py). Compiled samplers are kept per shape, so a second
-    call of the same shape starts at once."""
+    Keyword arguments are generate.py's flags of the same names (conditions by their names in
+    conditions.CONDITIONS). With return_rolls=True a call returns (songs, cell-token rolls
+    [N, 128, W], roll.py). Compiled samplers are kept per shape, so a second call of the same
+    shape starts at once."""
 
     def __init__(self, checkpoint: str, use_ema: bool = True):
         self.config, _, self.params, self.path = load_model(checkpoint, use_ema)
@@ -232,66 +270,153 @@ class Generator:
         seed: int = 0,
         temperature: float = 1.0,
         num_iter_list=None,
+        num_bars: int = 0,
+        overlap_bars: int = 0,
+        cfg: float = 1.0,
+        conditions: dict | None = None,
     ) -> Samples:
-        """num_samples rolls that keep the known cells, made batch_size at a time."""
+        """num_samples rolls that keep the known cells, made batch_size at a time. With num_bars,
+        pieces of num_bars bars made in windows of the canvas's width, each window after the first
+        keeping the last overlap_bars (0 = half a window) written; `conditions` ({name: text or
+        values}) are asked for the piece's bars and guided at `cfg`."""
         check_ar_prefix(self.config, known_PxW)
         num_iter = tuple(num_iter_list or self.config.num_iter_list)
         if len(num_iter) != len(self.config.img_size_list):
             raise GenerationError(
                 f"--num_iter_list needs {len(self.config.img_size_list)} entries, one per level"
             )
-        batch_cells = np.repeat(cells_PxW[None], batch_size, axis=0)
-        batch_known = np.repeat(known_PxW[None], batch_size, axis=0)
+        window = cells_PxW.shape[1]
+        total = max(num_bars * BAR_STEPS, window)
+        starts = window_starts(total, window, overlap_bars)
+        features, given = self._asked(conditions or {}, cfg, -(-total // BAR_STEPS))
+        guidance = jnp.float32(cfg) if cfg != 1.0 and given is not None and given.any() else None
+        piece = np.zeros((num_samples, NUM_PITCHES, total), np.uint8)
+        known_piece = np.zeros((NUM_PITCHES, total), bool)
+        known_piece[:, :window] = known_PxW
+        cells = np.repeat(cells_PxW[None], num_samples, axis=0)
+        known = np.repeat(known_PxW[None], num_samples, axis=0)
         key = jax.random.key(seed)
-        shape = (batch_size, cells_PxW.shape[1], num_iter)
-        started = time.perf_counter()
-        if shape not in self._compiled:
-            run = sampler_lib.make_sampler(self.config, num_iter)
-            with progress.status(f"compiling the sampler for {batch_size} x {cells_PxW.shape[1]} steps"):
-                self._compiled[shape] = run.lower(
-                    self.params, batch_cells, batch_known, key, jnp.float32(temperature)
-                ).compile()
-        compile_s = time.perf_counter() - started
-        rolls, frames, batch_seconds = [], [], []
-        num_batches = -(-num_samples // batch_size)
-        for batch_index in progress.track(range(num_batches), "generating", total=num_batches):
-            started = time.perf_counter()
-            batch_rolls, batch_frames = self._compiled[shape](
-                self.params,
-                batch_cells,
-                batch_known,
-                jax.random.fold_in(key, batch_index),
-                jnp.float32(temperature),
+        compile_s, batch_seconds, piece_frames = 0.0, [], []
+        for index, start in enumerate(starts):
+            written = 0
+            if index:
+                written = starts[index - 1] + window - start
+                cells = np.stack([roll_lib.window_tokens(p, start, window, self.config.roll) for p in piece])
+                known = np.zeros(cells.shape, bool)
+                known[:, :, :written] = True
+                cells = np.where(known, cells, 0).astype(np.uint8)
+                key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), WINDOW_STREAM), index)
+            bars = slice(start // BAR_STEPS, start // BAR_STEPS + -(-window // BAR_STEPS))
+            window_features = None if features is None else {name: f[bars] for name, f in features.items()}
+            rolls, frames, seconds = self._batches(
+                cells, known, window_features, given, key, batch_size, temperature, num_iter, guidance
             )
-            rolls.append(np.asarray(batch_rolls))
-            frames.append(np.asarray(batch_frames))
-            batch_seconds.append(time.perf_counter() - started)
+            piece[:, :, start + written : start + window] = rolls[:, :, written:]
+            compile_s, batch_seconds = compile_s + seconds[0], batch_seconds + seconds[1]
+            piece_frames.append(piece.copy())
         return Samples(
-            np.concatenate(rolls)[:num_samples],
-            np.concatenate(frames, axis=1)[:, :num_samples],
-            known_PxW,
+            piece,
+            frames if len(starts) == 1 else np.stack(piece_frames),
+            known_piece,
             num_iter,
             compile_s,
             batch_seconds,
+            starts,
+            window,
         )
 
-    def generate(self, num_samples: int = 4, target_width: int = 0, **options):
-        """Unconditional music: num_samples pieces of target_width steps (0 = the training crop)."""
-        return self._songs(empty_canvas(self.width(target_width)), None, num_samples, **options)
+    def _asked(self, requests: dict, cfg: float, num_bars: int):
+        """(features {name: Bars x size}, given K) of the conditions asked for, or (None, None) for
+        a model without conditions; GenerationError for what the model cannot follow."""
+        if not (np.isfinite(cfg) and cfg >= 0):
+            raise GenerationError(
+                f"--cfg {cfg} must be a number >= 0 (1 = plain conditional, more = stronger)"
+            )
+        if cfg != 1.0 and not self.config.conditions:
+            raise GenerationError(
+                f"--cfg {cfg} guides conditions, and this model was trained without them "
+                "(train one with --conditions chords,density)"
+            )
+        try:
+            features, given = conditions_lib.asked(self.config.conditions, requests, num_bars)
+        except conditions_lib.ConditionError as error:
+            raise GenerationError(str(error)) from None
+        return (features, given) if self.config.conditions else (None, None)
+
+    def _batches(
+        self, cells_NxPxW, known_NxPxW, features, given_K, key, batch_size, temperature, num_iter, cfg
+    ):
+        """(rolls N x 128 x W uint8, frames F x N x 128 x W, (compile seconds, seconds per batch)):
+        the sampler over the canvases batch_size at a time, batch b drawing with fold_in(key, b)."""
+        num_samples, _, width = cells_NxPxW.shape
+        num_batches = -(-num_samples // batch_size)
+        fill = np.arange(num_batches * batch_size) % num_samples  # the last batch is filled up with repeats
+        cells_NxPxW, known_NxPxW = cells_NxPxW[fill], known_NxPxW[fill]
+        conditions = None
+        if features is not None:
+            repeat = lambda x: np.repeat(x[None], batch_size, axis=0)
+            conditions = ({name: repeat(f) for name, f in features.items()}, repeat(given_K))
+        batch = lambda x, b: x[b * batch_size : (b + 1) * batch_size]
+        shape = (batch_size, width, num_iter, cfg is not None)
+        started = time.perf_counter()
+        if shape not in self._compiled:
+            run = sampler_lib.make_sampler(self.config, num_iter)
+            with progress.status(f"compiling the sampler for {batch_size} x {width} steps"):
+                self._compiled[shape] = run.lower(
+                    self.params,
+                    batch(cells_NxPxW, 0),
+                    batch(known_NxPxW, 0),
+                    key,
+                    jnp.float32(temperature),
+                    conditions,
+                    cfg,
+                ).compile()
+        compile_s = time.perf_counter() - started
+        rolls, frames, batch_seconds = [], [], []
+        for b in progress.track(range(num_batches), "generating", total=num_batches):
+            started = time.perf_counter()
+            batch_rolls, batch_frames = self._compiled[shape](
+                self.params,
+                batch(cells_NxPxW, b),
+                batch(known_NxPxW, b),
+                jax.random.fold_in(key, b),
+                jnp.float32(temperature),
+                conditions,
+                cfg,
+            )
+            rolls.append(np.asarray(batch_rolls).astype(np.uint8))
+            frames.append(np.asarray(batch_frames))
+            batch_seconds.append(time.perf_counter() - started)
+        rolls = np.concatenate(rolls)[:num_samples]
+        return rolls, np.concatenate(frames, axis=1)[:, :num_samples], (compile_s, batch_seconds)
+
+    def generate(self, num_samples: int = 4, target_width: int = 0, num_bars: int = 0, **options):
+        """Music from nothing: num_samples pieces of target_width steps (0 = the training crop), or
+        of num_bars bars in windows of target_width; with chords=, density= and cfg= on a model
+        trained with conditions."""
+        canvas_cells_known = empty_canvas(self.width(target_width, num_bars))
+        return self._songs(canvas_cells_known, None, num_samples, num_bars=num_bars, **options)
 
     def continuation(
-        self, prompt_midi: str, prompt_steps=None, prompt_bars=None, num_samples=4, target_width=0, **options
+        self,
+        prompt_midi: str,
+        prompt_steps=None,
+        prompt_bars=None,
+        num_samples=4,
+        target_width=0,
+        num_bars=0,
+        **options,
     ):
         """Keeps the first prompt_steps (or prompt_bars, in the file's meter) of prompt_midi and
-        writes on from there."""
+        writes on from there, to target_width steps or num_bars bars."""
         request = argparse.Namespace(
             mode="continuation",
             prompt_midi=str(prompt_midi),
             prompt_steps=prompt_steps,
             prompt_bars=prompt_bars,
         )
-        cells, known, score = canvas(request, self.width(target_width), self.config.roll)
-        return self._songs((cells, known), score, num_samples, **options)
+        cells, known, score = canvas(request, self.width(target_width, num_bars), self.config.roll)
+        return self._songs((cells, known), score, num_samples, num_bars=num_bars, **options)
 
     def inpainting(
         self,
@@ -308,6 +433,8 @@ class Generator:
     ):
         """Regenerates [mask_start, mask_end) x [mask_pitch_low, mask_pitch_high] of input_midi
         (positions in steps, or in bars of the file's meter) and keeps everything else."""
+        if options.get("num_bars"):
+            raise GenerationError(NUM_BARS_MODES)
         request = argparse.Namespace(
             mode="inpainting",
             input_midi=str(input_midi),
@@ -321,10 +448,19 @@ class Generator:
         cells, known, score = canvas(request, self.width(target_width), self.config.roll)
         return self._songs((cells, known), score, num_samples, **options)
 
-    def width(self, target_width: int = 0) -> int:
+    def width(self, target_width: int = 0, num_bars: int = 0) -> int:
+        """Steps of one sampler call: target_width (0 = the training crop), or all of a piece of
+        num_bars bars that is shorter."""
         width = target_width or self.config.crop_length
         check_width(self.config, width)
-        return width
+        if num_bars < 0:
+            raise GenerationError(f"--num_bars {num_bars} must not be negative (0 = one window)")
+        if num_bars * BAR_STEPS > width and width % BAR_STEPS:
+            raise GenerationError(
+                f"--num_bars {num_bars} writes windows of --target_width {width} steps, which must be whole "
+                f"bars (a multiple of {BAR_STEPS})"
+            )
+        return min(width, num_bars * BAR_STEPS) if num_bars else width
 
     def _songs(
         self,
@@ -335,13 +471,31 @@ class Generator:
         seed=0,
         temperature=1.0,
         num_iter_list=None,
+        num_bars=0,
+        overlap_bars=0,
+        cfg=1.0,
         tempo=0.0,
         min_velocity=1,
         min_note_steps=1,
         velocity_tolerance=0,
         return_rolls=False,
+        **conditions,
     ):
-        samples = self.sample(*canvas_cells_known, num_samples, batch_size, seed, temperature, num_iter_list)
+        unknown = sorted(set(conditions) - set(conditions_lib.CONDITIONS))
+        if unknown:
+            raise TypeError(f"unexpected keyword argument {unknown[0]!r}")
+        samples = self.sample(
+            *canvas_cells_known,
+            num_samples,
+            batch_size,
+            seed,
+            temperature,
+            num_iter_list,
+            num_bars,
+            overlap_bars,
+            cfg,
+            conditions,
+        )
         bpm = tempo or (score.tempo_bpm if score else 120.0)
         songs = [
             midi.to_pretty_midi(
@@ -369,10 +523,13 @@ def load(checkpoint: str, use_ema: bool = True) -> Generator:
 
 def generate(args) -> dict:
     model = Generator(args.checkpoint, not args.no_ema)
-    width = model.width(args.target_width)
+    if args.num_bars and args.mode == "inpainting":
+        raise GenerationError(NUM_BARS_MODES)
+    width = model.width(args.target_width, args.num_bars)
     known_cells, known_mask, score = canvas(args, width, model.config.roll)
     tempo = args.tempo or (score.tempo_bpm if score else 120.0)
     meter = time_signature(score)
+    requests = {name: getattr(args, name) for name in conditions_lib.CONDITIONS}
     samples = model.sample(
         known_cells,
         known_mask,
@@ -381,7 +538,12 @@ def generate(args) -> dict:
         args.seed,
         args.temperature,
         args.num_iter_list,
+        args.num_bars,
+        args.overlap_bars,
+        args.cfg,
+        requests,
     )
+    known_mask = samples.known_PxW
     out = run_folder(Path(args.output_dir), args.reuse_output_dir)
     audio = render.audio_backend(args.soundfont)[1] if args.save_wav else None
     written = zip(samples.rolls_NxPxW, np.swapaxes(samples.frames_FxNxPxW, 0, 1))
@@ -395,6 +557,11 @@ def generate(args) -> dict:
         "num_samples": args.num_samples,
         "batch_size": args.batch_size,
         "target_width": width,
+        "num_bars": args.num_bars,
+        "piece_steps": int(samples.rolls_NxPxW.shape[-1]),
+        "window_starts": list(samples.window_starts),
+        "conditions": {name: conditions_lib.as_text(v) for name, v in requests.items() if v is not None},
+        "cfg": args.cfg,
         "num_iter_list": list(samples.num_iter_list),
         "temperature": args.temperature,
         "tempo_bpm": tempo,
@@ -460,6 +627,26 @@ def build_parser() -> argparse.ArgumentParser:
     add("--batch_size", type=int, default=BATCH_SIZE, help="samples per sampler call")
     add("--target_width", type=int, default=0, help="steps to generate (default: the training crop_length)")
     add("--num_iter_list", type=int, nargs="+", help="rounds per level (default: the checkpoint's)")
+    add(
+        "--num_bars",
+        type=int,
+        default=0,
+        help="bars of 16 steps to write; longer than --target_width: in windows, each continuing the last",
+    )
+    add(
+        "--overlap_bars",
+        type=int,
+        default=0,
+        help="--num_bars: bars of the piece so far each window keeps (default: half a window)",
+    )
+    for name, condition in conditions_lib.CONDITIONS.items():
+        add(f"--{name}", nargs="+", help=f"a model trained with this condition: {condition.help}")
+    add(
+        "--cfg",
+        type=float,
+        default=1.0,
+        help="guidance of the conditions: 1 = plain conditional, 2-3 = stronger",
+    )
     add("--temperature", type=float, default=1.0, help="below 1: safer choices; above 1: more adventurous")
     add("--seed", type=int, default=0, help="the same seed, checkpoint and flags give the same files")
     add("--output_dir", default="outputs/generated", help="each run writes a fresh run_N folder inside it")

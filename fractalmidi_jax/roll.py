@@ -115,6 +115,20 @@ def crop_tokens(window_PxL: np.ndarray, kind: str) -> np.ndarray:
     return window_PxL
 
 
+def window_tokens(tokens_PxT: np.ndarray, start: int, width: int, kind: str) -> np.ndarray:
+    """Model tokens of steps [start, start + width) of a token roll (silence past its end), as a
+    training crop sees them: in a note roll a sustain in the first column becomes its note's
+    onset, with the velocity of the latest onset before it on its pitch."""
+    window = np.zeros((tokens_PxT.shape[0], width), np.uint8)
+    part = tokens_PxT[:, start : start + width]
+    window[:, : part.shape[1]] = part
+    if check_kind(kind) == "note" and part.shape[1]:
+        carried = window[:, 0] == SUSTAIN
+        velocity = _latest_onset_velocity(np.asarray(tokens_PxT[:, : start + 1]).astype(np.int16))[:, start]
+        window[carried, 0] = velocity[carried]
+    return window
+
+
 # --- roll -> notes ---
 
 

@@ -104,3 +104,15 @@ def stop_at(monkeypatch, micro_step: int) -> None:
             return super().__next__()
 
     monkeypatch.setattr(data, "Loader", Loader)
+
+
+def untrained_checkpoint(folder: Path, **changes) -> Path:
+    """A checkpoint of the tiny model at initialisation (no training compile: cheap), with the
+    tiny_training config and `changes`; returns its folder."""
+    from fractalmidi_jax import checkpoint, steps
+
+    config = tiny_training(**changes)
+    manager = checkpoint.CheckpointManager(folder / "checkpoints", save_top_k=1)
+    path = manager.save(0, steps.init_state(config)[1], None, {"config": config.to_dict()})
+    manager.close()
+    return path
