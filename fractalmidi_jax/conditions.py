@@ -57,14 +57,25 @@ def bar_sums(values_BxPxW):
     return values_BxPxW.reshape(batch, pitches, width // BAR_STEPS, BAR_STEPS).sum(axis=-1)
 
 
+def pitch_classes(per_pitch_BxPx):
+    """B x 12 x ...: the values of the 128 pitches (axis 1) summed per pitch class (0 = C)."""
+    per_pitch_BxPx = jnp.asarray(per_pitch_BxPx)
+    octaves = -(-roll_lib.NUM_PITCHES // 12)
+    pad = [(0, 0), (0, octaves * 12 - roll_lib.NUM_PITCHES)] + [(0, 0)] * (per_pitch_BxPx.ndim - 2)
+    padded = jnp.pad(per_pitch_BxPx, pad)
+    return padded.reshape((padded.shape[0], octaves, 12) + padded.shape[2:]).sum(axis=1)
+
+
+def unit(vectors, axis=-1):
+    """Vectors scaled to length 1 along `axis` (zero vectors stay zero)."""
+    norm = jnp.linalg.norm(vectors, axis=axis, keepdims=True)
+    return vectors / jnp.maximum(norm, 1e-6)
+
+
 def chroma_from_roll(cells_BxPxW, kind: str):
     """B x Bars x 12 unit chroma: sounding cells per pitch class of each bar."""
-    sounding_BxPxBars = bar_sums(jnp.asarray(cells_BxPxW) > 0)
-    octaves = -(-roll_lib.NUM_PITCHES // 12)
-    padded = jnp.pad(sounding_BxPxBars, ((0, 0), (0, octaves * 12 - roll_lib.NUM_PITCHES), (0, 0)))
-    chroma_Bx12xBars = padded.reshape(padded.shape[0], octaves, 12, -1).sum(axis=1).astype(jnp.float32)
-    norm = jnp.linalg.norm(chroma_Bx12xBars, axis=1, keepdims=True)
-    return jnp.swapaxes(chroma_Bx12xBars / jnp.maximum(norm, 1e-6), 1, 2)
+    chroma_Bx12xBars = pitch_classes(bar_sums(jnp.asarray(cells_BxPxW) > 0)).astype(jnp.float32)
+    return jnp.swapaxes(unit(chroma_Bx12xBars, axis=1), 1, 2)
 
 
 def onsets(cells_BxPxW, kind: str):

@@ -307,9 +307,14 @@ class Generator:
                 cells = np.where(known, cells, 0).astype(np.uint8)
                 key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), WINDOW_STREAM), index)
             bars = slice(start // BAR_STEPS, start // BAR_STEPS + -(-window // BAR_STEPS))
-            window_features = None if features is None else {name: f[bars] for name, f in features.items()}
-            rolls, frames, seconds = self._batches(
-                cells, known, window_features, given, key, batch_size, temperature, num_iter, guidance
+            window_features = window_given = None
+            if features is not None:
+                window_features = {
+                    name: np.repeat(f[None, bars], num_samples, 0) for name, f in features.items()
+                }
+                window_given = np.repeat(given[None], num_samples, 0)
+            rolls, frames, seconds = self.sample_batches(
+                cells, known, window_features, window_given, key, batch_size, temperature, num_iter, guidance
             )
             piece[:, :, start + written : start + window] = rolls[:, :, written:]
             compile_s, batch_seconds = compile_s + seconds[0], batch_seconds + seconds[1]
@@ -343,20 +348,22 @@ class Generator:
             raise GenerationError(str(error)) from None
         return (features, given) if self.config.conditions else (None, None)
 
-    def _batches(
-        self, cells_NxPxW, known_NxPxW, features, given_K, key, batch_size, temperature, num_iter, cfg
+    def sample_batches(
+        self, cells_NxPxW, known_NxPxW, features, given_NxK, key, batch_size, temperature, num_iter, cfg
     ):
         """(rolls N x 128 x W uint8, frames F x N x 128 x W, (compile seconds, seconds per batch)):
-        the sampler over the canvases batch_size at a time, batch b drawing with fold_in(key, b)."""
+        the sampler over N canvases batch_size at a time, batch b drawing with fold_in(key, b).
+        `features` ({name: N x Bars x size}) and given_NxK are each sample's conditions (None for a
+        model without), `cfg` a guidance scale (None: none); num_iter rounds per level."""
         num_samples, _, width = cells_NxPxW.shape
         num_batches = -(-num_samples // batch_size)
         fill = np.arange(num_batches * batch_size) % num_samples  # the last batch is filled up with repeats
         cells_NxPxW, known_NxPxW = cells_NxPxW[fill], known_NxPxW[fill]
-        conditions = None
-        if features is not None:
-            repeat = lambda x: np.repeat(x[None], batch_size, axis=0)
-            conditions = ({name: repeat(f) for name, f in features.items()}, repeat(given_K))
         batch = lambda x, b: x[b * batch_size : (b + 1) * batch_size]
+        conditions = lambda b: None
+        if features is not None:
+            features, given_NxK = {name: f[fill] for name, f in features.items()}, given_NxK[fill]
+            conditions = lambda b: ({name: batch(f, b) for name, f in features.items()}, batch(given_NxK, b))
         shape = (batch_size, width, num_iter, cfg is not None)
         started = time.perf_counter()
         if shape not in self._compiled:
@@ -368,7 +375,7 @@ class Generator:
                     batch(known_NxPxW, 0),
                     key,
                     jnp.float32(temperature),
-                    conditions,
+                    conditions(0),
                     cfg,
                 ).compile()
         compile_s = time.perf_counter() - started
@@ -381,7 +388,7 @@ class Generator:
                 batch(known_NxPxW, b),
                 jax.random.fold_in(key, b),
                 jnp.float32(temperature),
-                conditions,
+                conditions(b),
                 cfg,
             )
             rolls.append(np.asarray(batch_rolls).astype(np.uint8))
