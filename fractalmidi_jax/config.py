@@ -26,7 +26,7 @@ from fractalmidi_jax.cli import Parser
 from fractalmidi_jax.roll import KINDS as ROLL_KINDS
 from fractalmidi_jax.roll import NUM_PITCHES
 
-GENERATOR_TYPES = ("mar", "ar")
+GENERATOR_TYPES = ("mar", "ar", "column")
 SCAN_ORDERS = ("row_major", "column_major")
 PRECISIONS = ("32", "16", "bf16")
 
@@ -54,7 +54,12 @@ class Config:
     embed_dim_list: tuple[int, ...] = (512, 256, 128, 64)  # transformer width per level
     num_blocks_list: tuple[int, ...] = (12, 3, 2, 1)  # transformer blocks per level
     num_heads_list: tuple[int, ...] = (8, 4, 2, 2)  # attention heads per level
-    generator_types: tuple[str, ...] = ("mar", "mar", "ar", "ar")  # "mar" or "ar" per level
+    generator_types: tuple[str, ...] = (
+        "mar",
+        "column",
+        "column",
+        "column",
+    )  # per level: mar, ar (a patch per step) or column (a time column per step)
     scan_order: str = "row_major"  # AR order: row_major (pitch band by band) or column_major (bar by bar)
     mask_ratio_loc: float = 1.0  # MAR mask ratio ~ truncated normal(loc, scale) on [loc - 4 scale, loc]
     mask_ratio_scale: float = 0.5  # see mask_ratio_loc

@@ -24,13 +24,14 @@ from fractalmidi_jax import grid as grid_lib
 from fractalmidi_jax import masking
 from fractalmidi_jax import roll as roll_lib
 from fractalmidi_jax.ar import ARLevel
+from fractalmidi_jax.column import ColumnLevel
 from fractalmidi_jax.config import Config
 from fractalmidi_jax.head import CellHead
 from fractalmidi_jax.level import NUM_HANDOFF_CONDS, gather_borders, num_conds, time_offsets
 from fractalmidi_jax.mar import MARLevel
 
 # A level kind: a module with train / counts / generate (see mar.py); generator_types names them.
-LEVEL_KINDS = {"mar": MARLevel, "ar": ARLevel}
+LEVEL_KINDS = {"mar": MARLevel, "ar": ARLevel, "column": ColumnLevel}
 
 
 class FractalModel(nnx.Module):

@@ -74,25 +74,36 @@ def check_width(config: Config, width: int) -> None:
 
 
 def check_ar_prefix(config: Config, known_mask_PxW: np.ndarray) -> None:
-    """An AR level 0 conditions only on what comes before in its scan: the known cells must lie in
-    level-0 patches that precede every patch with something to generate."""
-    if config.generator_types[0] != "ar":
+    """An AR (or column) level 0 conditions only on what comes before in its scan: the known cells
+    must lie in level-0 patches (columns) that precede every patch (column) with something to
+    generate."""
+    kind = config.generator_types[0]
+    if kind == "mar":
         return
     patch = config.img_size_list[1]
     width = known_mask_PxW.shape[1]
     padded = np.zeros((NUM_PITCHES, -(-width // patch) * patch), bool)
     padded[:, :width] = known_mask_PxW
-    tiles = grid_lib.patchify(padded[None], patch)[0]
-    scan = grid_lib.Grid(NUM_PITCHES // patch, padded.shape[1] // patch, patch).scan_order(config.scan_order)
-    all_known, any_known = tiles.all(axis=1)[scan], tiles.any(axis=1)[scan]
-    first_open = int(np.argmin(all_known)) if not all_known.all() else len(scan)
+    if kind == "column":
+        steps = (
+            padded.reshape(NUM_PITCHES, -1, patch).transpose(1, 0, 2).reshape(padded.shape[1] // patch, -1)
+        )
+        all_known, any_known = steps.all(axis=1), steps.any(axis=1)
+    else:
+        tiles = grid_lib.patchify(padded[None], patch)[0]
+        scan = grid_lib.Grid(NUM_PITCHES // patch, padded.shape[1] // patch, patch).scan_order(
+            config.scan_order
+        )
+        all_known, any_known = tiles.all(axis=1)[scan], tiles.any(axis=1)[scan]
+    first_open = int(np.argmin(all_known)) if not all_known.all() else len(all_known)
     if any_known[first_open + 1 :].any():
+        order = "time" if kind == "column" else config.scan_order
         raise GenerationError(
-            f"this model's level 0 is autoregressive in {config.scan_order} order, so it can only condition on "
+            f"this model's level 0 is autoregressive in {order} order, so it can only condition on "
             "music that comes first in that order; the known music here lies after the part to generate. "
             + (
                 "Use continuation with a column_major model, or a model with a MAR level 0."
-                if config.scan_order == "row_major"
+                if order == "row_major"
                 else "Use a model with a MAR level 0 for inpainting."
             )
         )

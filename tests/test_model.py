@@ -61,6 +61,8 @@ def losses_fn(graphdef, config, train=True):
         (("ar", "ar", "ar"), "column_major", 20),
         (("mar", "ar", "ar"), "column_major", 32),
         (("ar", "mar", "mar"), "row_major", 16),
+        (("mar", "column", "column"), "row_major", 20),
+        (("column", "column", "ar"), "row_major", 32),
     ],
 )
 def test_loss_at_init_is_log_classes_per_reached_cell(types, scan_order, width):

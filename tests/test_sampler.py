@@ -14,7 +14,7 @@ from fractalmidi_jax import masking
 from fractalmidi_jax import roll as roll_lib
 from fractalmidi_jax import sampler as sampler_lib
 from fractalmidi_jax.ar import ARLevel
-from fractalmidi_jax.fractal import build_model
+from fractalmidi_jax.fractal import build_model, fractal_loss
 
 NUM_ITER = (2, 2, 2, 1)
 BATCH, WIDTH = 2, 32
@@ -83,6 +83,48 @@ def test_ar_cached_decoding_matches_teacher_forcing(scan_order, level):
         h, caches = decode(params, caches, cells[:, scan[i - 1]], i, scan[i - 1])
         cached[scan[i]] = h
     np.testing.assert_allclose(np.stack(cached, axis=1), forced, rtol=1e-4, atol=1e-5)
+
+
+# --- the sampler's conditionals are the loss's ---
+
+
+class ScoringSampler(sampler_lib._Sampler):
+    """A sampler whose head scores the known cell it is handed instead of drawing one: run on a
+    canvas that is all known, it adds up log p(cell | what the sampler showed the model)."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.log_likelihood = []
+
+    def children(self, k, conds_NxKxOxD, cells_NxKxP, known_NxKxP, borders, rng):
+        if k < self.config.num_levels - 1:
+            return super().children(k, conds_NxKxOxD, cells_NxKxP, known_NxKxP, borders, rng)
+        logits = self.model.head.logits(conds_NxKxOxD.reshape((-1,) + conds_NxKxOxD.shape[2:])[:, 0])
+        cells_N = cells_NxKxP.reshape(-1)
+        scores = jnp.take_along_axis(jax.nn.log_softmax(logits), cells_N[:, None], axis=1)
+        jax.debug.callback(lambda total: self.log_likelihood.append(float(total)), jnp.sum(scores))
+        return cells_NxKxP
+
+
+@pytest.mark.parametrize(
+    "types", [("column", "column", "ar"), ("ar", "column", "column"), ("ar", "ar", "ar")], ids="/".join
+)
+def test_sampler_conditionals_equal_the_loss(types):
+    """For levels that see their past whole (AR and column), the sampler's conditionals are the
+    loss's: the log-likelihood of a roll summed through the sampler (every cell known, scored by the
+    head where it would be drawn, border columns included) equals minus the loss times the cells
+    reached, with every token handed down. A border, position or hand-off that differed between
+    training and sampling would move it."""
+    config = tiny(generator_types=types, token_budget=1.0, max_crop_length=WIDTH)
+    model = build_model(config)
+    model.head.codebook[...] = model.head.codebook[...] * 30  # conditions then move the scores
+    rs = np.random.default_rng(0)
+    tokens = rs.integers(1, NUM_CLASSES, (BATCH, 128, WIDTH))
+    rolls = jnp.asarray(np.where(rs.random(tokens.shape) < 0.2, tokens, 0), jnp.int32)
+    scoring = ScoringSampler(model, config, NUM_ITER, ONE)
+    scoring.level(0, None, rolls, jnp.ones(rolls.shape, bool), None, jax.random.key(0))
+    loss, stats = fractal_loss(model, config, rolls, jax.random.key(1), train=False)
+    np.testing.assert_allclose(sum(scoring.log_likelihood), -loss * stats["reached_cells"], rtol=1e-5)
 
 
 # --- unconditional sampling ---
