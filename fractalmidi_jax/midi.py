@@ -9,8 +9,8 @@ Algorithm:
 1. Each track is walked once. Note-ons are paired with note-offs per (channel, key)
    in that track (a note-on of velocity 0 is a note-off); tempo metas of every track
    form the tempo map, and time-signature metas the meter (`Score.time_signatures`, whose
-   first entry sets `Score.bar_steps`). Channel 10 (index 9) holds drums, dropped unless
-   include_drums.
+   bars `bar_lines` puts on the step grid).
+   Channel 10 (index 9) holds drums, dropped unless include_drums.
 2. Ticks become steps, never seconds: step = round(tick * 4 / resolution) (half up,
    in integer arithmetic, so odd resolutions and huge ticks are exact); a note ends at
    round(off_tick * 4 / resolution) but lasts at least one step, so notes shorter than
@@ -50,6 +50,7 @@ import time
 import numpy as np
 
 STEPS_PER_QUARTER = 4  # one step = one sixteenth note
+DEFAULT_BAR_STEPS = 16  # 4/4, the meter of a file (or of its start) without a time signature
 PIPELINE_VERSION = 3  # bump whenever read_score's output can change
 
 _DRUM_CHANNEL = 9
@@ -88,16 +89,47 @@ class Score:
     kept_seconds: float = 0.0  # duration of what the roll keeps (= seconds unless capped)
     warnings: tuple[str, ...] = ()  # faults read around, one line each (e.g. a short track length)
     time_signatures: tuple[tuple[int, int, int], ...] = ()  # (step, numerator, denominator), by step
-
-    @property
-    def bar_steps(self) -> int:
-        """Steps in a bar of the piece's first time signature (16 = 4/4, the default; 12 = 3/4)."""
-        return bar_steps(*self.time_signatures[0][1:]) if self.time_signatures else 16
+    # (none = 4/4); bar_lines(time_signatures, num_steps) are its bars
 
 
 def bar_steps(numerator: int, denominator: int) -> int:
     """Sixteenth-note steps in a bar of numerator/denominator (3/4 -> 12, 6/8 -> 12), at least 1."""
     return max(1, round(numerator * 4 * STEPS_PER_QUARTER / denominator))
+
+
+def _meter_changes(time_signatures) -> list[tuple[int, int]]:
+    """(first step, steps a bar) of each stretch of one meter, from step 0 (4/4 until the first
+    time signature)."""
+    changes = [(step, bar_steps(numerator, denominator)) for step, numerator, denominator in time_signatures]
+    return changes if changes and changes[0][0] == 0 else [(0, DEFAULT_BAR_STEPS), *changes]
+
+
+def bar_lines(time_signatures, num_steps: int) -> np.ndarray:
+    """int64 steps where bars start: every one before num_steps, then the first at or after it
+    (the end of the last bar), so [lines[i], lines[i + 1]) are the bars that cover the piece.
+
+    Step 0 is a downbeat, and a time signature starts a bar at its step (as in a score, where a
+    meter changes at a bar line; one in mid-bar cuts that bar short)."""
+    changes = _meter_changes(time_signatures)
+    lines = []
+    for (start, length), (next_start, _) in zip(changes, [*changes[1:], (None, None)]):
+        if next_start is None or next_start >= num_steps:  # the meter the piece ends in
+            lines.append(np.arange(start, max(num_steps, start + 1) + length, length))
+            break
+        lines.append(np.arange(start, next_start, length))
+    return np.concatenate(lines).astype(np.int64)
+
+
+def bar_step(time_signatures, bar: float) -> int:
+    """The step `bar` bars from the start in the piece's meter (0 = step 0; a fraction reaches into
+    its bar, by that bar's length): what the bar-based generation arguments mean."""
+    changes = _meter_changes(time_signatures)
+    lines = bar_lines(time_signatures, changes[-1][0] + 1)  # up to the last meter's first bar
+    whole = int(bar // 1)
+    if bar < 0 or whole >= len(lines) - 2:  # before the start, or in the last meter: its bars go on
+        first, length = (0, changes[0][1]) if bar < 0 else (len(lines) - 2, changes[-1][1])
+        return round(int(lines[first]) + (bar - first) * length)
+    return round(int(lines[whole]) + (bar - whole) * int(lines[whole + 1] - lines[whole]))
 
 
 def read_score(path, options: ReadOptions = ReadOptions()) -> Score:

@@ -51,8 +51,8 @@ def main(argv=None) -> None:
     )
     reference = args.reference or trainer.resolve_data(config.val_data, "valid")
     music = music_stats.compare(
-        music_stats.set_stats(*music_stats.load_notes(music_stats.midi_paths(samples))),
-        music_stats.set_stats(*music_stats.load_notes(music_stats.midi_paths(reference))),
+        music_stats.set_stats(*music_stats.load_scores(music_stats.midi_paths(samples))),
+        music_stats.set_stats(*music_stats.load_scores(music_stats.midi_paths(reference))),
     )
     nll = evaluate.nll(checkpoint, reference, crop_length=width, cache_dir=config.cache_dir)
     timing = None if args.no_timing else bench.bench_sample(config, 16, 512, config.num_iter_list, 5)

@@ -105,7 +105,7 @@ def make_set(tmp_path, name, seed, files=12, density=0.3, low=40, high=80):
     paths = [
         write(tmp_path / name / f"{i}.mid", random_song(rng, 16, density, low, high)) for i in range(files)
     ]
-    return music_stats.set_stats(*music_stats.load_notes(paths))
+    return music_stats.set_stats(*music_stats.load_scores(paths))
 
 
 def test_set_with_itself_has_full_overlap(tmp_path):
@@ -220,7 +220,7 @@ def test_unreadable_files_are_skipped_with_a_reason(tmp_path):
     good = write(tmp_path / "good.mid", QUARTERS)
     bad = tmp_path / "bad.mid"
     bad.write_bytes(b"MThd\x00\x00")
-    loaded, skipped = music_stats.load_notes([good, bad])
+    loaded, skipped = music_stats.load_scores([good, bad])
     assert [name for name, _ in loaded] == [str(good)]
     assert skipped[0][0] == str(bad) and "\n" not in skipped[0][1] and skipped[0][1]
 
