@@ -301,11 +301,11 @@ class RollLibrary:
         cache_paths, facts, rolls, reasons, misses = {}, {}, {}, {}, []
 
         def keep(index, record):  # the segments themselves stay only as rolls, and only in memory mode
+            meter = tuple(map(tuple, record["time_signatures"].tolist()))
             facts[index] = {
                 name: record[name].item()
                 for name in ("num_steps", "num_notes", "seconds", "file_seconds", "capped", "warning")
-            }
-            facts[index]["time_signatures"] = tuple(map(tuple, record["time_signatures"].tolist()))
+            } | {"time_signatures": meter}
             if cache_in_memory:
                 rolls[index] = segments_to_roll(record["segments"], facts[index]["num_steps"])
 
