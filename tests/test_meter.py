@@ -39,6 +39,15 @@ def test_time_signatures_are_read(tmp_path):
     assert midi.bar_lines(score.time_signatures, score.num_steps).tolist() == list(range(0, 133, 12))
 
 
+def test_one_beat_signatures_are_left_out(tmp_path):
+    """1/4 (as POP909 writes) marks beats, not bars: at the start the piece is 4/4, later the meter
+    before it goes on."""
+    beats = with_meters(write_song(tmp_path / "pop.mid", seed=6), (0.0, 1, 4))
+    assert midi.read_score(beats).time_signatures == ()
+    later = with_meters(write_song(tmp_path / "later.mid", seed=7), (0.0, 3, 4), (3.0, 1, 4))
+    assert midi.read_score(later).time_signatures == ((0, 3, 4),)
+
+
 def test_bar_lines_follow_meter_changes():
     """3/4 turning to 4/4 at step 36; a file without a time signature (or before its first) is 4/4;
     the last bar line is the end of the bar that holds the last step."""
