@@ -265,11 +265,12 @@ def _check(args) -> None:
     )
     if args.verbose:
         for k, path in enumerate(library.files):
-            meter = (
-                ", ".join(f"{n}/{d} from step {step}" for step, n, d in library.time_signatures[k]) or "4/4"
+            meter = ", ".join(
+                f"{n}/{d}" + (f" from step {step}" if step else "")
+                for step, n, d in library.time_signatures[k]
             )
             print(
-                f"ok {path}: {library.num_notes[k]} notes, {library.num_steps[k]} steps, {library.seconds[k]:.1f} s, {meter}"
+                f"ok {path}: {library.num_notes[k]} notes, {library.num_steps[k]} steps, {library.seconds[k]:.1f} s, {meter or '4/4'}"
             )
     print(
         f"usable: {len(library)} files, {library.seconds.sum() / 3600:.2f} hours, "

@@ -124,6 +124,8 @@ def steps_of(steps: int | None, bars: float | None, score: midi.Score, name: str
     """A position given in steps (`--<name>`) or in bars of the input's meter (`--<name>_bar(s)`)."""
     if steps is not None and bars is not None:
         raise GenerationError(f"give --{name} or its bar form, not both")
+    if bars is not None and not np.isfinite(bars):
+        raise GenerationError(f"the bar form of --{name} must be a finite number of bars, not {bars}")
     return steps if bars is None else midi.bar_step(score.time_signatures, bars)
 
 

@@ -84,6 +84,10 @@ def test_bar_arguments_follow_the_meter(tmp_path):
     assert np.flatnonzero(~known.all(axis=0)).tolist() == list(range(12, 36))
     assert not cells[~known].any()
     assert generation.time_signature(None) == (4, 4)
+    with pytest.raises(generation.GenerationError, match="finite"):
+        generation.canvas(
+            request(mode="continuation", prompt_midi=str(path), prompt_bars=float("nan")), 64, "note"
+        )
 
 
 # --- crops ---
