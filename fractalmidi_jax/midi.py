@@ -45,6 +45,7 @@ The roll these notes become (two encodings, encode and decode) lives in roll.py.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import stat
 import time
@@ -90,8 +91,8 @@ class Score:
     capped: bool  # notes beyond max_steps were cut
     kept_seconds: float = 0.0  # duration of what the roll keeps (= seconds unless capped)
     warnings: tuple[str, ...] = ()  # faults read around, one line each (e.g. a short track length)
-    time_signatures: tuple[tuple[int, int, int], ...] = ()  # (step, numerator, denominator), by step
-    # (none = 4/4); bar_lines(time_signatures, num_steps) are its bars
+    time_signatures: tuple[tuple[int, int, int], ...] = ()  # (step, numerator, denominator) by step;
+    # none = 4/4 (its bars: bar_lines(time_signatures, num_steps))
 
 
 def bar_steps(numerator: int, denominator: int) -> int:
@@ -127,7 +128,7 @@ def bar_step(time_signatures, bar: float) -> int:
     its bar, by that bar's length): what the bar-based generation arguments mean."""
     changes = _meter_changes(time_signatures)
     lines = bar_lines(time_signatures, changes[-1][0] + 1)  # up to the last meter's first bar
-    whole = int(bar // 1)
+    whole = math.floor(bar)
     if bar < 0 or whole >= len(lines) - 2:  # before the start, or in the last meter: its bars go on
         first, length = (0, changes[0][1]) if bar < 0 else (len(lines) - 2, changes[-1][1])
         return round(int(lines[first]) + (bar - first) * length)
