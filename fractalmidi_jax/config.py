@@ -37,7 +37,7 @@ class Config:
     train_data: str = "bach"  # file list (.txt), folder of MIDI files, or "bach" (the built-in corpus)
     val_data: str = "bach"  # as train_data; "bach" takes the corpus' validation list
     crop_length: int = 128  # training crop width in sixteenth-note steps (a multiple of 4)
-    crop_alignment: int = 16  # crops start on multiples of this many steps (16 = a 4/4 bar)
+    crop_alignment: int = 0  # 0: crops start on bar lines, in each piece's meter; N: on multiples of N steps
     augment_factor: int = 1  # random crops per file per epoch
     pitch_shift_min: int = -3  # lowest random transposition, semitones
     pitch_shift_max: int = 3  # highest random transposition, semitones
@@ -207,12 +207,12 @@ class Config:
             "val_batch_size",
             "max_steps",
             "accumulate_grad_batches",
-            "crop_alignment",
             "val_crops_per_file",
         ):
             if getattr(self, name) < 1:
                 errors.append(f"{name}={getattr(self, name)} must be at least 1")
         for name in (
+            "crop_alignment",
             "warmup_steps",
             "num_workers",
             "log_every_n_steps",

@@ -9,8 +9,10 @@
 
 A folder argument means every *.mid / *.midi under it (recursively); a .txt argument is
 a list of paths, one per line, relative ones resolved against the list's folder.
-Unreadable files are skipped with a one-line reason on stderr. The statistics and the
-algorithms are described in fractalmidi_jax/music_stats.py.
+Unreadable files are skipped with a one-line reason on stderr. Bars are each file's own, in
+the meter of its time signatures (a generated file's: the one it was written with; 4/4 where
+a file has none). The statistics and the algorithms are described in
+fractalmidi_jax/music_stats.py.
 
 Each subcommand is an `_add_<name>(subparsers)` function that declares its arguments
 and sets `func` to the `_run_<name>(args)` function that carries it out.
@@ -34,9 +36,9 @@ REFERENCE_COLOUR = (40, 100, 190)
 
 
 def _load(source: str, what: str):
-    """(name, notes) pairs of the files named by a folder or list, reporting skips."""
+    """(name, Score) pairs of the files named by a folder or list, reporting skips."""
     paths = music_stats.midi_paths(source)
-    loaded, skipped = music_stats.load_notes(progress.track(paths, f"reading --{what}", len(paths)))
+    loaded, skipped = music_stats.load_scores(progress.track(paths, f"reading --{what}", len(paths)))
     for path, reason in skipped:
         print(f"skip {path}: {reason}", file=sys.stderr)
     if not loaded:
@@ -159,9 +161,10 @@ def _run_music(args) -> None:
     result = music_stats.compare(generated, reference, bootstrap=args.bootstrap, seed=args.seed)
     result["sets"]["generated"]["source"] = args.generated
     result["sets"]["reference"]["source"] = args.reference
+    meters = lambda which: ", ".join(f"{n} in {m}" for m, n in result["sets"][which]["meters"].items())
     print(
-        f"generated: {len(generated.files)} files ({len(generated.skipped)} skipped), "
-        f"reference: {len(reference.files)} files ({len(reference.skipped)} skipped), "
+        f"generated: {len(generated.files)} files ({meters('generated')}; {len(generated.skipped)} skipped), "
+        f"reference: {len(reference.files)} files ({meters('reference')}; {len(reference.skipped)} skipped), "
         f"{args.bootstrap} bootstrap draws"
     )
     print(music_table(result))

@@ -135,7 +135,9 @@ def steps_of(steps: int | None, bars: float | None, score: midi.Score, name: str
     """A position given in steps (`--<name>`) or in bars of the input's meter (`--<name>_bar(s)`)."""
     if steps is not None and bars is not None:
         raise GenerationError(f"give --{name} or its bar form, not both")
-    return steps if bars is None else round(bars * score.bar_steps)
+    if bars is not None and not np.isfinite(bars):
+        raise GenerationError(f"the bar form of --{name} must be a finite number of bars, not {bars}")
+    return steps if bars is None else midi.bar_step(score.time_signatures, bars)
 
 
 def empty_canvas(width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -440,13 +442,13 @@ def _write_sample(
     notes = decode(roll, known, kind, args.min_velocity, args.min_note_steps, args.velocity_tolerance)
     midi.write_midi(stem.with_suffix(".mid"), notes, tempo_bpm=tempo, time_signature=meter)
     files = [stem.with_suffix(".mid").name]
-    bar = midi.bar_steps(*meter)
+    bars = midi.bar_lines([(0, *meter)], roll.shape[1])
     if args.save_png:
-        render.save_png(stem.with_suffix(".png"), roll_lib.velocity_cells(roll, kind), bar_steps=bar)
+        render.save_png(stem.with_suffix(".png"), roll_lib.velocity_cells(roll, kind), bar_lines=bars)
         files.append(stem.with_suffix(".png").name)
     if args.save_gif:
         pictures = [roll_lib.velocity_cells(frame, kind) for frame in frames]
-        render.save_gif(stem.with_suffix(".gif"), pictures, bar_steps=bar)
+        render.save_gif(stem.with_suffix(".gif"), pictures, bar_lines=bars)
         files.append(stem.with_suffix(".gif").name)
     if args.save_wav:
         render.save_wav(stem.with_suffix(".wav"), stem.with_suffix(".mid"), args.soundfont)

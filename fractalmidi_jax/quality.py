@@ -43,7 +43,7 @@ def main(argv=None) -> None:
     checkpoint = str(Path(config.output_dir) / "checkpoints" / "latest")
     width = args.width or config.crop_length
     reference = args.reference or trainer.resolve_data(config.val_data, "valid")
-    real = music_stats.set_stats(*music_stats.load_notes(music_stats.midi_paths(reference)))
+    real = music_stats.set_stats(*music_stats.load_scores(music_stats.midi_paths(reference)))
     by_temperature = {}
     for temperature in args.temperature:
         samples = Path(args.out) / f"samples_t{temperature:g}"
@@ -56,7 +56,7 @@ def main(argv=None) -> None:
             )
         )
         music = music_stats.compare(
-            music_stats.set_stats(*music_stats.load_notes(music_stats.midi_paths(samples))), real
+            music_stats.set_stats(*music_stats.load_scores(music_stats.midi_paths(samples))), real
         )
         by_temperature[temperature] = (music, generated)
     nll = evaluate.nll(checkpoint, reference, crop_length=width, cache_dir=config.cache_dir)
