@@ -52,7 +52,17 @@ class ARLevel(nnx.Module):
         return jnp.full(shape, num_tokens, jnp.int32)
 
     def train(
-        self, cells_NxLxP, conds_NxCxE, border, count_N, budget, num_out, col_offset_N, order_rng, dropout_rng
+        self,
+        cells_NxLxP,
+        conds_NxCxE,
+        border,
+        count_N,
+        budget,
+        num_out,
+        col_offset_N,
+        order_rng,
+        dropout_rng,
+        known_NxLxP=None,
     ):
         """A random budget of the patches hands down; every patch is visible to its children."""
         n, num_tokens, _ = cells_NxLxP.shape
