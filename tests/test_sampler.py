@@ -56,12 +56,20 @@ def prompt_inputs(seed, steps=16):
 # --- the AR KV cache ---
 
 
-@pytest.mark.parametrize("scan_order", ["row_major", "column_major"])
-@pytest.mark.parametrize("level", [0, 1])
-def test_ar_cached_decoding_matches_teacher_forcing(scan_order, level):
+@pytest.mark.parametrize(
+    "scan_order, level, partial_known",
+    [(o, k, False) for o in ("row_major", "column_major") for k in (0, 1)] + [("row_major", 1, True)],
+)
+def test_ar_cached_decoding_matches_teacher_forcing(scan_order, level, partial_known):
     """Prefill, then decode one patch at a time (feeding the true patches in scan order) over the KV
-    cache gives the outputs of teacher forcing on the whole sequence."""
-    config = tiny(generator_types=("ar", "ar", "ar"), scan_order=scan_order, border_context=False)
+    cache gives the outputs of teacher forcing on the whole sequence; with partial_known also when
+    each step shows the known cells of the patch it predicts."""
+    config = tiny(
+        generator_types=("ar", "ar", "ar"),
+        scan_order=scan_order,
+        border_context=False,
+        partial_known=partial_known,
+    )
     ar = ARLevel(config, level, nnx.Rngs(params=level))
     rs = np.random.default_rng(level)
     if level == 0:
@@ -70,19 +78,39 @@ def test_ar_cached_decoding_matches_teacher_forcing(scan_order, level):
         num_tokens, cells_per_token = 16, 16
         conds = jnp.asarray(rs.normal(size=(2, 5, 32)), jnp.float32)
     cells = jnp.asarray(rs.integers(0, 128, (2, num_tokens, cells_per_token)), jnp.int32)
+    known = jnp.asarray(rs.random(cells.shape) < 0.5)
     graphdef, params = nnx.split(ar)
     scan = ar.scan(num_tokens)
+    scan_j = jnp.asarray(scan)
 
-    forced = jax.jit(lambda p: nnx.merge(graphdef, p).teacher_forced(cells, conds))(params)
-    prefill = jax.jit(lambda p: nnx.merge(graphdef, p).prefill(conds, None, 2, num_tokens))
-    decode = jax.jit(lambda p, caches, x, i, g: nnx.merge(graphdef, p).decode(caches, x, i, g, num_tokens))
+    def shown(level, i):
+        """The known cells of scan[i], as the step predicting it shows them (partial_known)."""
+        if not partial_known:
+            return None
+        return level.trunk.embed_known(cells[:, scan_j[i]][:, None], known[:, scan_j[i]][:, None])[:, 0]
+
+    @jax.jit
+    def forced(params):
+        return nnx.merge(graphdef, params).teacher_forced(cells, conds, known_NxLxP=known)
+
+    @jax.jit
+    def prefill(params):
+        level = nnx.merge(graphdef, params)
+        return level.prefill(conds, None, 2, num_tokens, shown(level, 0))
+
+    @jax.jit
+    def decode(params, caches, i):
+        level = nnx.merge(graphdef, params)
+        fed = scan_j[i - 1]
+        return level.decode(caches, cells[:, fed], i, fed, num_tokens, shown_NxD=shown(level, i))
+
     h, caches = prefill(params)
     cached = [None] * num_tokens
     cached[scan[0]] = h
     for i in range(1, num_tokens):
-        h, caches = decode(params, caches, cells[:, scan[i - 1]], i, scan[i - 1])
+        h, caches = decode(params, caches, i)
         cached[scan[i]] = h
-    np.testing.assert_allclose(np.stack(cached, axis=1), forced, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.stack(cached, axis=1), forced(params), rtol=1e-4, atol=1e-5)
 
 
 # --- unconditional sampling ---
