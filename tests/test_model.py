@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 from tiny import TINY, tiny
 
+from fractalmidi_jax import masking
 from fractalmidi_jax import roll as roll_lib
 from fractalmidi_jax import sampler as sampler_lib
 from fractalmidi_jax.ar import ARLevel
@@ -306,6 +307,36 @@ def test_ar_output_sees_the_known_cells_of_its_own_patch(scan_order):
     changed = (h[1:] != h[:1]).reshape(16, 2, 2, 16, -1).any(axis=(2, 4))[scan]  # [j, part, i] in scan order
     np.testing.assert_array_equal(changed[:, 0], np.triu(np.ones((16, 16), bool)))
     np.testing.assert_array_equal(changed[:, 1], np.triu(np.ones((16, 16), bool), k=1))
+
+
+@pytest.mark.parametrize("partial_known", [False, True])
+def test_partial_masks_do_not_score_known_cells(monkeypatch, partial_known):
+    """With partial_known, training gives some samples the cells outside a region to write (here fixed:
+    steps 10.. x pitches 60..84, a prompt that ends inside a bar and pitch bounds); known cells are
+    inputs, not targets. With a head whose loss depends on the target only, changing every known cell
+    leaves the loss bit-identical, and changing the cells to write changes it; without the flag every
+    cell is a target."""
+    to_write = np.zeros((1, 128, 32), bool)
+    to_write[:, 60:85, 10:] = True
+    monkeypatch.setattr(masking, "train_known_cells", lambda rng, b, h, w: jnp.asarray(~to_write))
+    config = tiny(generator_types=("mar", "mar", "ar"), partial_known=partial_known)
+    model = build_model(config)
+    model.head.codebook[...] = jnp.zeros_like(model.head.codebook[...])
+    model.head.bias[...] = jax.random.normal(jax.random.key(2), (NUM_CLASSES,)) * 3
+    graphdef, params = nnx.split(model)
+    roll = random_roll(6, 1, 32, density=0.3)
+    changed = (roll.astype(int) + np.random.default_rng(7).integers(1, 128, roll.shape)) % 128
+    rolls = np.stack([roll, np.where(to_write, roll, changed), np.where(to_write, changed, roll)])
+
+    @jax.jit
+    def losses(params, key):
+        model = nnx.merge(graphdef, params)
+        return jax.vmap(lambda r: fractal_loss(model, config, r, key, True)[0])(jnp.asarray(rolls))
+
+    for key in keys(3):
+        loss, known_changed, to_write_changed = np.asarray(losses(params, key))
+        assert (known_changed == loss) == partial_known
+        assert to_write_changed != loss
 
 
 # --- unbiasedness of the budgeted loss ---
