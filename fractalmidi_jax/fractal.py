@@ -188,6 +188,8 @@ def train_flops_per_sample(config: Config, width: int) -> float:
         length = num_tokens[k] + conds - (1 if config.generator_types[k] == "ar" else 0)
         per_sequence = depth * (24 * length * dim * dim + 4 * length * length * dim)
         per_sequence += 2 * length * dim * channels * (config.img_size_list[k + 1] ** 2)
+        if config.partial_known:  # every token's known cells are embedded too
+            per_sequence += 2 * num_tokens[k] * dim * (channels + 1) * (config.img_size_list[k + 1] ** 2)
         if k > 0:
             per_sequence += 2 * NUM_HANDOFF_CONDS * config.embed_dim_list[k - 1] * dim
             if config.border_context:
