@@ -11,6 +11,9 @@ embedding at c = 0) at the position of (r, c); it attends to the condition token
 token of columns <= c, so its output has seen columns < c only and predicts patch (r, c).
 The hand-off passes a patch its own output and its top, bottom and left neighbours' (same or
 earlier column: none has seen it); the right neighbour has, and is passed as zeros.
+Partly known patches (`partial_known`): token (r, c) also shows the known cells of patch
+(r, c) itself (level.py's `embed_known`), so the output predicting a column has seen what is
+given in that column (every band of it) and nothing else of it.
 Sampling (`generate`): step c runs the level on the canvas (columns >= c cannot reach column
 c's outputs), hands column c down and writes what comes back. Each step recomputes the whole
 sequence: at the levels a column level is made for (16 tokens) that is cheaper than the KV
@@ -51,9 +54,10 @@ class ColumnLevel(nnx.Module):
         self.trunk = LevelTrunk(config, level, rngs)
         self.start_token = nnx.Param(embedding_init(rngs.params(), (config.embed_dim_list[level],)))
 
-    def predict(self, cells_NxLxP, conds_NxCxE, border=None, col_offset_N=None, rng=None):
+    def predict(self, cells_NxLxP, conds_NxCxE, border=None, col_offset_N=None, rng=None, known_NxLxP=None):
         """N x (C + L) x D outputs; patch token t's output (at C + t) has seen the columns
-        before t's only."""
+        before t's only (and with partial_known the known cells of t's column: `known_NxLxP`,
+        None for none)."""
         n, num_tokens, p2 = cells_NxLxP.shape
         trunk = self.trunk
         cols = num_tokens // trunk.rows
@@ -64,16 +68,29 @@ class ColumnLevel(nnx.Module):
         )
         tokens = jnp.concatenate([start, tokens], axis=2).reshape(n, num_tokens, -1)
         tokens = tokens + trunk.positions(jnp.arange(num_tokens), cols, col_offset_N)
+        if trunk.partial_known:
+            known = jnp.zeros(cells_NxLxP.shape, bool) if known_NxLxP is None else known_NxLxP
+            tokens = tokens + trunk.embed_known(cells_NxLxP, known).astype(tokens.dtype)
         x = jnp.concatenate([trunk.cond_tokens(conds_NxCxE, n, border), tokens], axis=1)
         mask = column_mask(trunk.num_conds, trunk.rows, cols)
         return trunk.transformer(x, mask=mask, rng=rng)[0]
 
     def train(
-        self, cells_NxLxP, conds_NxCxE, border, count_N, budget, num_out, col_offset_N, order_rng, dropout_rng
+        self,
+        cells_NxLxP,
+        conds_NxCxE,
+        border,
+        count_N,
+        budget,
+        num_out,
+        col_offset_N,
+        order_rng,
+        dropout_rng,
+        known_NxLxP=None,
     ):
         """A random budget of the patches hands down; every patch is visible to its children."""
         n, num_tokens, _ = cells_NxLxP.shape
-        h_NxTxD = self.predict(cells_NxLxP, conds_NxCxE, border, col_offset_N, dropout_rng)
+        h_NxTxD = self.predict(cells_NxLxP, conds_NxCxE, border, col_offset_N, dropout_rng, known_NxLxP)
         index_NxK = masking.random_orders(order_rng, n, num_tokens)[:, :budget]
         grid = self.trunk.grid(num_tokens // self.trunk.rows)
         conds = self.trunk.handoff(
@@ -89,7 +106,7 @@ class ColumnLevel(nnx.Module):
         visible = jnp.ones((n, num_tokens), bool)  # a column's left neighbours are drawn before it
 
         def step(c, cells):
-            h_NxTxD = self.predict(cells, conds, border, col_offset_N)
+            h_NxTxD = self.predict(cells, conds, border, col_offset_N, known_NxLxP=known)
             index_NxR = jnp.broadcast_to(column_index[c], (n, grid.rows))
             child_conds = trunk.handoff(
                 h_NxTxD, index_NxR, grid, self.handoff_neighbours, num_out, offset=trunk.num_conds

@@ -64,6 +64,7 @@ class Config:
     mask_ratio_loc: float = 1.0  # MAR mask ratio ~ truncated normal(loc, scale) on [loc - 4 scale, loc]
     mask_ratio_scale: float = 0.5  # see mask_ratio_loc
     border_context: bool = True  # each patch below level 0 also sees the cells left of its border
+    partial_known: bool = False  # partly known patches show their known cells (trained on prompts)
     token_budget: float = 0.0  # tokens passed down per sequence, as a fraction (0 = the mean mask ratio)
     attn_dropout: float = 0.1  # dropout on attention weights
     proj_dropout: float = 0.1  # dropout after attention and MLP projections

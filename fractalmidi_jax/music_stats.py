@@ -45,6 +45,11 @@ near-identical (OA close to 1) the OA draws sit mostly below the point estimate 
 the interval may end at it. Judge a model's OA against the OA of real-vs-real data
 (the ceiling), at similar set sizes.
 
+Following the context (pitch_class_similarity): the cosine of the pitch-class histograms
+(one count per note, as the pitch_class feature) of two sets of notes, such as the notes a
+generator wrote into a region and the notes given around it; 1 = the same pitch classes in the
+same proportions. `python -m fractalmidi_jax.evaluate prompts` reports it.
+
 Copying check (copying_check): a bar is its binarised sounding cells, W steps x 128
 pitches, where W is the longest bar of either set and a shorter bar is padded with
 silence (so bars of 4/4 and 3/4 compare cell by cell from their downbeats, and a held
@@ -373,6 +378,15 @@ def _set_header(stats: SetStats) -> dict:
         "meters": dict(collections.Counter(stats.meters).most_common()),
         "skipped": [list(s) for s in stats.skipped],
     }
+
+
+def pitch_class_similarity(notes_a: np.ndarray, notes_b: np.ndarray) -> float | None:
+    """Cosine of the pitch-class histograms of two sets of notes (module docstring); None when
+    either has no note."""
+    a, b = (np.bincount(notes[:, 2] % 12, minlength=12).astype(np.float64) for notes in (notes_a, notes_b))
+    if not a.any() or not b.any():
+        return None
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
 def bar_cells(notes: np.ndarray, lines: np.ndarray, width: int) -> np.ndarray:

@@ -44,6 +44,7 @@ from fractalmidi_jax.writer import Writer
 ARCHITECTURE_FIELDS = (
     "roll",
     "border_context",
+    "partial_known",
     "img_size_list",
     "embed_dim_list",
     "num_blocks_list",

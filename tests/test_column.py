@@ -65,3 +65,26 @@ def test_outputs_and_handoff_see_only_earlier_columns(level):
         for before, after in zip(reference, changed):
             moved = np.asarray(jnp.any(before != after, axis=tuple(range(2, before.ndim)))).all(axis=0)
             np.testing.assert_array_equal(moved, col_L > col_L[t], err_msg=f"token {t}")
+
+
+def test_a_column_sees_the_known_cells_of_its_own_patches():
+    """With partial_known, the outputs of column c also see the known cells of column c's patches
+    (every band of it), and still nothing else of column c: changing a patch's known cells changes
+    the outputs of its column and later ones, its other cells only later ones."""
+    config = tiny(generator_types=("column", "column", "column"), border_context=False, partial_known=True)
+    column = ColumnLevel(config, 1, nnx.Rngs(params=1))
+    rs = np.random.default_rng(1)
+    conds = jnp.asarray(rs.normal(size=(2, 5, 32)), jnp.float32)
+    cells = rs.integers(0, 129, (2, 16, 16)).astype(np.int32)
+    known = jnp.asarray(rs.random(cells.shape) < 0.5)
+    graphdef, params = nnx.split(column)
+    predict = jax.jit(lambda c: nnx.merge(graphdef, params).predict(c, conds, known_NxLxP=known)[:, 5:])
+    reference = np.asarray(predict(cells))
+    col_L = np.arange(16) % 4
+    for t in range(16):
+        for part, where in enumerate((np.asarray(known)[:, t], ~np.asarray(known)[:, t])):
+            changed = cells.copy()
+            changed[:, t] = np.where(where, (cells[:, t] + rs.integers(1, 129, (2, 16))) % 129, cells[:, t])
+            moved = (np.asarray(predict(changed)) != reference).any(axis=(0, 2))
+            expected = col_L >= col_L[t] if part == 0 else col_L > col_L[t]
+            np.testing.assert_array_equal(moved, expected, err_msg=f"token {t} part {part}")
