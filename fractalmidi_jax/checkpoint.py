@@ -68,7 +68,12 @@ def checkpoint_name(step: int, val_loss: float | None) -> str:
 
 
 # Model fields that checkpoints written before them lack, with the value those checkpoints hold.
-FIELDS_BEFORE_THEY_EXISTED = {"roll": "velocity", "border_context": False, "partial_known": False}
+FIELDS_BEFORE_THEY_EXISTED = {
+    "roll": "velocity",
+    "border_context": False,
+    "partial_known": False,
+    "temperature": 1.0,
+}
 
 
 def read_meta(path: Path) -> dict:

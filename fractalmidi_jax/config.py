@@ -98,6 +98,9 @@ class Config:
     checkpoint_every_n_steps: int = 5000  # checkpoint period (also saved at the end and on SIGINT/SIGTERM)
     log_images_every_n_steps: int = 5000  # piano-roll images of samples and validation crops (0 = off)
     num_iter_list: tuple[int, ...] = (12, 8, 4, 1)  # MAR rounds per level for samples made during training
+    temperature: float = (
+        0.97  # sampling temperature of the cell head, generate.py's default (tuned on POP909 valid)
+    )
     save_top_k: int = 3  # checkpoints kept, best by validation loss (plus the latest)
     max_train_minutes: float = 0.0  # stop (saving a checkpoint) after this many minutes (0 = no limit)
     resume_from_checkpoint: str = ""  # checkpoint folder, or <output_dir>/checkpoints/latest|best

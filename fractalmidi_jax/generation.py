@@ -243,12 +243,13 @@ class Generator:
         num_samples: int = 4,
         batch_size: int = BATCH_SIZE,
         seed: int = 0,
-        temperature: float = 1.0,
+        temperature: float | None = None,
         num_iter_list=None,
     ) -> Samples:
         """num_samples rolls that keep the known cells, made batch_size at a time."""
         check_ar_prefix(self.config, known_PxW)
         num_iter = tuple(num_iter_list or self.config.num_iter_list)
+        temperature = self.config.temperature if temperature is None else temperature
         if len(num_iter) != len(self.config.img_size_list):
             raise GenerationError(
                 f"--num_iter_list needs {len(self.config.img_size_list)} entries, one per level"
@@ -346,7 +347,7 @@ class Generator:
         num_samples,
         batch_size=BATCH_SIZE,
         seed=0,
-        temperature=1.0,
+        temperature=None,
         num_iter_list=None,
         tempo=0.0,
         min_velocity=1,
@@ -409,7 +410,7 @@ def generate(args) -> dict:
         "batch_size": args.batch_size,
         "target_width": width,
         "num_iter_list": list(samples.num_iter_list),
-        "temperature": args.temperature,
+        "temperature": model.config.temperature if args.temperature is None else args.temperature,
         "tempo_bpm": tempo,
         "time_signature": list(meter),
         "weights": model.weights,
@@ -473,7 +474,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--batch_size", type=int, default=BATCH_SIZE, help="samples per sampler call")
     add("--target_width", type=int, default=0, help="steps to generate (default: the training crop_length)")
     add("--num_iter_list", type=int, nargs="+", help="rounds per level (default: the checkpoint's)")
-    add("--temperature", type=float, default=1.0, help="below 1: safer choices; above 1: more adventurous")
+    add(
+        "--temperature",
+        type=float,
+        help="the head's sampling temperature (default: the model's, 0.97 for today's; below: sparser, above: busier)",
+    )
     add("--seed", type=int, default=0, help="the same seed, checkpoint and flags give the same files")
     add("--output_dir", default="outputs/generated", help="each run writes a fresh run_N folder inside it")
     add(
@@ -525,9 +530,9 @@ def main(argv=None) -> None:
         parser.error("--num_samples and --batch_size must be at least 1")
     use_compilation_cache()
     try:
-        if not args.temperature > 0 or not np.isfinite(args.temperature):
+        if args.temperature is not None and not (args.temperature > 0 and np.isfinite(args.temperature)):
             raise GenerationError(
-                f"--temperature {args.temperature} must be a positive number (1 = the model's own)"
+                f"--temperature {args.temperature} must be a positive number (1 = the model's own distribution)"
             )
         if args.num_iter_list and min(args.num_iter_list) < 1:
             rounds = " ".join(map(str, args.num_iter_list))

@@ -27,7 +27,9 @@ def main(argv=None) -> None:
     parser.add_argument("--num_samples", type=int, default=256)
     parser.add_argument("--batch_size", type=int, default=64, help="samples per sampler call")
     parser.add_argument("--width", type=int, default=0, help="sample width (default: crop_length)")
-    parser.add_argument("--temperature", type=float, nargs="+", default=[1.0], help="one or more")
+    parser.add_argument(
+        "--temperature", type=float, nargs="+", default=[], help="one or more (default: the config's)"
+    )
     parser.add_argument("--skip_training", action="store_true", help="judge the checkpoint already in --out")
     parser.add_argument("--no_timing", action="store_true", help="skip timing the 16 x 128 x 512 sampler")
     args, training_flags = parser.parse_known_args(argv)
@@ -45,7 +47,7 @@ def main(argv=None) -> None:
     reference = args.reference or trainer.resolve_data(config.val_data, "valid")
     real = music_stats.set_stats(*music_stats.load_scores(music_stats.midi_paths(reference)))
     by_temperature = {}
-    for temperature in args.temperature:
+    for temperature in args.temperature or [config.temperature]:
         samples = Path(args.out) / f"samples_t{temperature:g}"
         generated = generation.generate(
             generation.build_parser().parse_args(

@@ -226,7 +226,7 @@ def log_images(writer: Writer, step: int, config: Config, params, val_crops, val
     synthesiser)."""
     run = sampler_lib.make_sampler(config, config.num_iter_list)
     cells, known = sampler_lib.unconditional_inputs(NUM_IMAGE_SAMPLES, config.crop_length)
-    rolls, _ = run(params, cells, known, jax.random.key(config.seed + step), jnp.float32(1.0))
+    rolls, _ = run(params, cells, known, jax.random.key(config.seed + step), jnp.float32(config.temperature))
     rolls = np.asarray(rolls)
     pictures = lambda tokens, bar_lines=None: render.grid_image(
         [roll_lib.velocity_cells(t, config.roll) for t in tokens], scale=IMAGE_SCALE, bar_lines=bar_lines
