@@ -6,6 +6,10 @@ patches before it only. The level hands down, for patch t, its own output and th
 its top and left neighbours: in both scan orders those come earlier, so they have not seen t.
 Right and bottom neighbours come later, would leak t, and are passed as zeros. For the same
 reason a child's border column (its left neighbour's cells) is always visible.
+Partly known patches (`partial_known`): the input that predicts patch scan[i] also shows the
+known cells of scan[i] (level.py's `embed_known`, added to it), so a patch partly given by a
+prompt is drawn knowing what is given; known cells of later patches stay unseen, as every later
+patch does (continuation prompts precede in a column_major scan).
 Sampling (`generate`) runs one token at a time in a `lax.fori_loop` over a preallocated KV
 cache (`prefill`, then `decode`); the output for token i conditions the level below, whose
 result is fed back as the next input.
@@ -34,8 +38,11 @@ class ARLevel(nnx.Module):
     def scan(self, num_tokens: int) -> np.ndarray:
         return self.trunk.grid(num_tokens // self.trunk.rows).scan_order(self.scan_order)
 
-    def teacher_forced(self, cells_NxLxP, conds_NxCxE, border=None, col_offset_N=None, rng=None):
-        """N x L x D outputs in grid order; output t has seen only the patches before t."""
+    def teacher_forced(
+        self, cells_NxLxP, conds_NxCxE, border=None, col_offset_N=None, rng=None, known_NxLxP=None
+    ):
+        """N x L x D outputs in grid order; output t has seen only the patches before t (and with
+        partial_known the known cells of t itself: `known_NxLxP`, None for none)."""
         n, num_tokens, _ = cells_NxLxP.shape
         trunk = self.trunk
         cols = num_tokens // trunk.rows
@@ -43,6 +50,10 @@ class ARLevel(nnx.Module):
         inputs = trunk.embed_patches(cells_NxLxP[:, scan_L[:-1]])
         inputs = inputs + trunk.positions(jnp.asarray(scan_L[:-1]), cols, col_offset_N)
         x = jnp.concatenate([trunk.cond_tokens(conds_NxCxE, n, border), inputs], axis=1)
+        if trunk.partial_known:
+            known = jnp.zeros(cells_NxLxP.shape, bool) if known_NxLxP is None else known_NxLxP
+            shown_NxLxD = trunk.embed_known(cells_NxLxP[:, scan_L], known[:, scan_L])
+            x = x.at[:, trunk.num_conds - 1 :].add(shown_NxLxD.astype(x.dtype))
         h, _ = trunk.transformer(x, mask=causal_mask(x.shape[1]), rng=rng)
         h_scan = h[:, trunk.num_conds - 1 :]
         return h_scan[:, np.argsort(scan_L)]
@@ -52,11 +63,23 @@ class ARLevel(nnx.Module):
         return jnp.full(shape, num_tokens, jnp.int32)
 
     def train(
-        self, cells_NxLxP, conds_NxCxE, border, count_N, budget, num_out, col_offset_N, order_rng, dropout_rng
+        self,
+        cells_NxLxP,
+        conds_NxCxE,
+        border,
+        count_N,
+        budget,
+        num_out,
+        col_offset_N,
+        order_rng,
+        dropout_rng,
+        known_NxLxP=None,
     ):
         """A random budget of the patches hands down; every patch is visible to its children."""
         n, num_tokens, _ = cells_NxLxP.shape
-        h_NxLxD = self.teacher_forced(cells_NxLxP, conds_NxCxE, border, col_offset_N, dropout_rng)
+        h_NxLxD = self.teacher_forced(
+            cells_NxLxP, conds_NxCxE, border, col_offset_N, dropout_rng, known_NxLxP
+        )
         index_NxK = masking.random_orders(order_rng, n, num_tokens)[:, :budget]
         grid = self.trunk.grid(num_tokens // self.trunk.rows)
         conds = self.trunk.handoff(h_NxLxD, index_NxK, grid, self.handoff_neighbours, num_out)
@@ -65,21 +88,28 @@ class ARLevel(nnx.Module):
     def cache_length(self, num_tokens: int) -> int:
         return self.trunk.num_conds + num_tokens - 1
 
-    def prefill(self, conds_NxCxE, border, num_sequences: int, num_tokens: int):
-        """Runs the condition tokens; returns (output predicting scan[0], KV caches)."""
+    def prefill(self, conds_NxCxE, border, num_sequences: int, num_tokens: int, shown_NxD=None):
+        """Runs the condition tokens; returns (output predicting scan[0], KV caches). `shown_NxD`:
+        scan[0]'s known cells (`trunk.embed_known`, partial_known)."""
         trunk = self.trunk
         length = self.cache_length(num_tokens)
         caches = trunk.transformer.empty_caches(num_sequences, length, trunk.dtype)
         mask = np.arange(trunk.num_conds)[:, None] >= np.arange(length)[None, :]
-        h, caches = trunk.transformer(trunk.cond_tokens(conds_NxCxE, num_sequences, border), mask, caches, 0)
+        tokens = trunk.cond_tokens(conds_NxCxE, num_sequences, border)
+        if shown_NxD is not None:
+            tokens = tokens.at[:, -1].add(shown_NxD.astype(tokens.dtype))
+        h, caches = trunk.transformer(tokens, mask, caches, 0)
         return h[:, -1], caches
 
-    def decode(self, caches, cells_NxP, step, grid_index, num_tokens: int, col_offset_N=None):
+    def decode(self, caches, cells_NxP, step, grid_index, num_tokens: int, col_offset_N=None, shown_NxD=None):
         """Feeds patch scan[step-1] (at grid index `grid_index`); returns (output predicting
-        scan[step], caches). `step` may be traced."""
+        scan[step], caches). `step` may be traced; `shown_NxD`: scan[step]'s known cells
+        (partial_known)."""
         trunk = self.trunk
         token = trunk.embed_patches(cells_NxP[:, None])
         token = token + trunk.positions(jnp.reshape(grid_index, (1,)), num_tokens // trunk.rows, col_offset_N)
+        if shown_NxD is not None:
+            token = token + shown_NxD[:, None].astype(token.dtype)
         position = trunk.num_conds - 1 + step
         mask = (jnp.arange(self.cache_length(num_tokens)) <= position)[None, :]
         h, caches = trunk.transformer(token, mask, caches, position)
@@ -90,7 +120,16 @@ class ARLevel(nnx.Module):
         n, num_tokens, _ = cells.shape
         scan_L = jnp.asarray(self.scan(num_tokens))
         neighbours = jnp.asarray(grid.neighbours())
-        h, caches = self.prefill(conds, border, n, num_tokens)
+        given = cells
+
+        def shown(i):
+            """The known cells of scan[i] (the last patch for i = L: that output is never used)."""
+            if not self.trunk.partial_known:
+                return None
+            g = scan_L[jnp.minimum(i, num_tokens - 1)]
+            return self.trunk.embed_known(given[:, g][:, None], known[:, g][:, None])[:, 0]
+
+        h, caches = self.prefill(conds, border, n, num_tokens, shown(0))
         outputs = jnp.zeros((n, num_tokens, h.shape[-1]), h.dtype)
         visible = jnp.ones((n, num_tokens), bool)
         num_frames = min(num_tokens, NUM_FRAMES) if k == 0 else 0
@@ -124,7 +163,7 @@ class ARLevel(nnx.Module):
                 jax.random.fold_in(rng, i),
             )
             cells = cells.at[:, g].set(new[:, 0])
-            h, caches = self.decode(caches, new[:, 0], i + 1, g, num_tokens, col_offset_N)
+            h, caches = self.decode(caches, new[:, 0], i + 1, g, num_tokens, col_offset_N, shown(i + 1))
             if k == 0:
                 frames = jax.lax.cond(
                     frame_after[i] >= 0,

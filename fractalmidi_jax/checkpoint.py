@@ -68,7 +68,13 @@ def checkpoint_name(step: int, val_loss: float | None) -> str:
 
 
 # Model fields that checkpoints written before them lack, with the value those checkpoints hold.
-FIELDS_BEFORE_THEY_EXISTED = {"roll": "velocity", "border_context": False, "conditions": []}
+FIELDS_BEFORE_THEY_EXISTED = {
+    "roll": "velocity",
+    "border_context": False,
+    "partial_known": False,
+    "temperature": 1.0,
+    "conditions": [],
+}
 
 
 def read_meta(path: Path) -> dict:

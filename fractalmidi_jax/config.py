@@ -26,7 +26,7 @@ from fractalmidi_jax.cli import Parser
 from fractalmidi_jax.roll import KINDS as ROLL_KINDS
 from fractalmidi_jax.roll import NUM_PITCHES
 
-GENERATOR_TYPES = ("mar", "ar")
+GENERATOR_TYPES = ("mar", "ar", "column")
 SCAN_ORDERS = ("row_major", "column_major")
 PRECISIONS = ("32", "16", "bf16")
 
@@ -37,7 +37,7 @@ class Config:
     train_data: str = "bach"  # file list (.txt), folder of MIDI files, or "bach" (the built-in corpus)
     val_data: str = "bach"  # as train_data; "bach" takes the corpus' validation list
     crop_length: int = 128  # training crop width in sixteenth-note steps (a multiple of 4)
-    crop_alignment: int = 16  # crops start on multiples of this many steps (16 = a 4/4 bar)
+    crop_alignment: int = 0  # 0: crops start on bar lines, in each piece's meter; N: on multiples of N steps
     augment_factor: int = 1  # random crops per file per epoch
     pitch_shift_min: int = -3  # lowest random transposition, semitones
     pitch_shift_max: int = 3  # highest random transposition, semitones
@@ -54,17 +54,19 @@ class Config:
     embed_dim_list: tuple[int, ...] = (512, 256, 128, 64)  # transformer width per level
     num_blocks_list: tuple[int, ...] = (12, 3, 2, 1)  # transformer blocks per level
     num_heads_list: tuple[int, ...] = (8, 4, 2, 2)  # attention heads per level
-    generator_types: tuple[str, ...] = ("mar", "mar", "ar", "ar")  # "mar" or "ar" per level
+    generator_types: tuple[str, ...] = (
+        "mar",
+        "column",
+        "column",
+        "column",
+    )  # mar, ar or column (see fractal.py)
     scan_order: str = "row_major"  # AR order: row_major (pitch band by band) or column_major (bar by bar)
     mask_ratio_loc: float = 1.0  # MAR mask ratio ~ truncated normal(loc, scale) on [loc - 4 scale, loc]
     mask_ratio_scale: float = 0.5  # see mask_ratio_loc
     border_context: bool = True  # each patch below level 0 also sees the cells left of its border
-    conditions: tuple[
-        str, ...
-    ] = ()  # per-bar conditions of level 0 computed from the roll (conditions.py): chords, density
-    condition_dropout: float = (
-        0.1  # training: chance that a sample loses all its conditions, and each one alone
-    )
+    partial_known: bool = False  # partly known patches show their known cells (trained on prompts)
+    conditions: tuple[str, ...] = ()  # per-bar level-0 conditions computed from the roll: chords, density
+    condition_dropout: float = 0.1  # training: chance a sample loses all its conditions, and each alone
     token_budget: float = 0.0  # tokens passed down per sequence, as a fraction (0 = the mean mask ratio)
     attn_dropout: float = 0.1  # dropout on attention weights
     proj_dropout: float = 0.1  # dropout after attention and MLP projections
@@ -98,6 +100,9 @@ class Config:
     checkpoint_every_n_steps: int = 5000  # checkpoint period (also saved at the end and on SIGINT/SIGTERM)
     log_images_every_n_steps: int = 5000  # piano-roll images of samples and validation crops (0 = off)
     num_iter_list: tuple[int, ...] = (12, 8, 4, 1)  # MAR rounds per level for samples made during training
+    temperature: float = (
+        0.97  # sampling temperature of the cell head, generate.py's default (tuned on POP909 valid)
+    )
     save_top_k: int = 3  # checkpoints kept, best by validation loss (plus the latest)
     max_train_minutes: float = 0.0  # stop (saving a checkpoint) after this many minutes (0 = no limit)
     resume_from_checkpoint: str = ""  # checkpoint folder, or <output_dir>/checkpoints/latest|best
@@ -209,12 +214,12 @@ class Config:
             "val_batch_size",
             "max_steps",
             "accumulate_grad_batches",
-            "crop_alignment",
             "val_crops_per_file",
         ):
             if getattr(self, name) < 1:
                 errors.append(f"{name}={getattr(self, name)} must be at least 1")
         for name in (
+            "crop_alignment",
             "warmup_steps",
             "num_workers",
             "log_every_n_steps",

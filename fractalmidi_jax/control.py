@@ -54,7 +54,7 @@ def build_parser() -> Parser:
     add("--prompt_steps", type=int, default=0, help="continuation prompt (default: inside a bar)")
     add("--batch_size", type=int, default=32, help="samples per sampler call")
     add("--num_iter_list", type=int, nargs="+", help="rounds per level (default: the checkpoint's)")
-    add("--temperature", type=float, default=1.0)
+    add("--temperature", type=float, help="the head's sampling temperature (default: the model's)")
     add("--bootstrap", type=int, default=100, help="bootstrap draws of the OA intervals")
     add("--seed", type=int, default=0, help="chooses the crops and the samples")
     add("--cache_dir", default="", help="parsed-roll cache (default: ~/.cache/fractalmidi_jax/rolls)")

@@ -5,11 +5,13 @@ Letters in names: P = 128 pitches, T = steps of a whole piece, L = crop length, 
 
 1. Stream. Global sample i = step * G + j for a global batch of G. With F files and augment
    factor A, epoch e = i // (F * A); the sample takes file order_e[i mod F*A] mod F, where
-   order_e is a permutation seeded by (seed, e); its crop start (a multiple of crop_alignment)
-   and pitch shift come from default_rng((seed, e, i)). A batch is therefore a pure function of
-   (seed, step), and process p of P builds only samples j in [p G / P, (p + 1) G / P).
+   order_e is a permutation seeded by (seed, e); its crop start (one of `crop_starts`: a bar line
+   of the piece in its own meter, or a multiple of crop_alignment) and pitch shift come from
+   default_rng((seed, e, i)). A batch is therefore a pure function of (seed, step), and process
+   p of P builds only samples j in [p G / P, (p + 1) G / P).
 2. Loader. Threads build the batches of steps s, s + 1, ... ahead of use; they come out in order.
-3. Evaluation. `fixed_crops` takes seeded, distinct crop starts per file and no pitch shift;
+3. Evaluation. `fixed_crops` takes seeded, distinct crop starts per file (`fixed_crop_starts`)
+   and no pitch shift;
    `eval_batches` pads the last batch and gives padding weight 0, so every crop counts once.
 Files and their parsed rolls: library.py.
 """
@@ -45,22 +47,35 @@ class CropSpec:
     augment_factor: int = 1  # crops per file per epoch
     pitch_shift_min: int = 0  # semitones, inclusive
     pitch_shift_max: int = 0  # semitones, inclusive
-    crop_alignment: int = 16  # crop starts are multiples of this (16 = a 4/4 bar, 1 = anywhere)
+    crop_alignment: int = 0  # 0: crops start on the piece's bar lines; N: on multiples of N steps
 
     def __post_init__(self):
         if self.crop_length <= 0 or self.crop_length % 4:
             raise ValueError(f"crop_length={self.crop_length} must be a positive multiple of 4")
-        if self.augment_factor < 1 or self.crop_alignment < 1:
-            raise ValueError("augment_factor and crop_alignment must be at least 1")
+        if self.augment_factor < 1 or self.crop_alignment < 0:
+            raise ValueError("augment_factor must be at least 1 and crop_alignment at least 0")
         if self.pitch_shift_min > self.pitch_shift_max:
             raise ValueError(
                 f"pitch_shift_min={self.pitch_shift_min} exceeds pitch_shift_max={self.pitch_shift_max}"
             )
 
 
-def num_crop_starts(num_steps: int, crop_length: int, crop_alignment: int) -> int:
-    """Starts 0, a, 2a, ... up to max(T - L, 0): a short piece has one (padded at the end)."""
-    return max(num_steps - crop_length, 0) // crop_alignment + 1
+def crop_starts(library: RollLibrary, k: int, crop_length: int, crop_alignment: int) -> np.ndarray:
+    """Where a crop of file k may start, up to max(T - L, 0) (a short piece has one start, 0, and is
+    padded at the end): its bar lines in its own meter (a 3/4 piece's every 12 steps) when
+    crop_alignment is 0, else 0, a, 2a, ... for a = crop_alignment."""
+    last = max(int(library.num_steps[k]) - crop_length, 0)
+    if crop_alignment:
+        return np.arange(0, last + 1, crop_alignment)
+    lines = library.bar_lines[k]
+    return lines[lines <= last]
+
+
+def bar_lines_in_crop(library: RollLibrary, k: int, start: int, crop_length: int) -> np.ndarray:
+    """The bar lines of file k inside its crop [start, start + L), counted from the crop's start:
+    where a picture of the crop draws them."""
+    lines = library.bar_lines[k] - start
+    return lines[(lines >= 0) & (lines < crop_length)]
 
 
 def crop_roll(
@@ -116,10 +131,8 @@ class BatchStream:
         file_index = int(_epoch_order(self.seed, epoch, self.samples_per_epoch)[slot]) % len(self.library)
         rng = np.random.default_rng([_CROP_STREAM, self.seed, epoch, i])
         spec = self.spec
-        starts = num_crop_starts(
-            int(self.library.num_steps[file_index]), spec.crop_length, spec.crop_alignment
-        )
-        start = int(rng.integers(starts)) * spec.crop_alignment
+        starts = crop_starts(self.library, file_index, spec.crop_length, spec.crop_alignment)
+        start = int(starts[rng.integers(len(starts))])
         shift = int(rng.integers(spec.pitch_shift_min, spec.pitch_shift_max + 1))
         return file_index, start, shift
 
@@ -185,21 +198,33 @@ class Loader:
 # --- evaluation crops ---
 
 
-def fixed_crops(
-    library: RollLibrary, crop_length: int, crops_per_file: int, seed: int = 0, crop_alignment: int = 16
-) -> np.ndarray:
-    """uint8 [N, 128, L]: up to crops_per_file distinct seeded crop starts per file, no pitch
-    shift; the same crops on every call and every process."""
+def fixed_crop_starts(
+    library: RollLibrary, crop_length: int, crops_per_file: int, seed: int = 0, crop_alignment: int = 0
+) -> list[tuple[int, int]]:
+    """(file index, crop start) of up to crops_per_file distinct seeded crop starts per file; the
+    same on every call and every process."""
     CropSpec(crop_length, crop_alignment=crop_alignment)  # validates
-    crops = []
+    chosen = []
     for k in range(len(library)):
-        starts = num_crop_starts(int(library.num_steps[k]), crop_length, crop_alignment)
+        starts = crop_starts(library, k, crop_length, crop_alignment)
         rng = np.random.default_rng([_EVAL_STREAM, seed, k])
-        chosen = np.sort(rng.choice(starts, min(crops_per_file, starts), replace=False))
-        crops += [
-            crop_roll(library.roll(k), int(c) * crop_alignment, crop_length, library.kind) for c in chosen
-        ]
-    return np.stack(crops)
+        picked = np.sort(rng.choice(len(starts), min(crops_per_file, len(starts)), replace=False))
+        chosen += [(k, int(starts[c])) for c in picked]
+    return chosen
+
+
+def fixed_crops(
+    library: RollLibrary, crop_length: int, crops_per_file: int, seed: int = 0, crop_alignment: int = 0
+) -> np.ndarray:
+    """uint8 [N, 128, L]: the crops of fixed_crop_starts, no pitch shift."""
+    return crops_at(
+        library, fixed_crop_starts(library, crop_length, crops_per_file, seed, crop_alignment), crop_length
+    )
+
+
+def crops_at(library: RollLibrary, starts: list[tuple[int, int]], crop_length: int) -> np.ndarray:
+    """uint8 [N, 128, L]: the crop of each (file index, start), no pitch shift."""
+    return np.stack([crop_roll(library.roll(k), start, crop_length, library.kind) for k, start in starts])
 
 
 def eval_batches(
@@ -240,8 +265,12 @@ def _check(args) -> None:
     )
     if args.verbose:
         for k, path in enumerate(library.files):
+            meter = ", ".join(
+                f"{n}/{d}" + (f" from step {step}" if step else "")
+                for step, n, d in library.time_signatures[k]
+            )
             print(
-                f"ok {path}: {library.num_notes[k]} notes, {library.num_steps[k]} steps, {library.seconds[k]:.1f} s"
+                f"ok {path}: {library.num_notes[k]} notes, {library.num_steps[k]} steps, {library.seconds[k]:.1f} s, {meter or '4/4'}"
             )
     print(
         f"usable: {len(library)} files, {library.seconds.sum() / 3600:.2f} hours, "
@@ -328,7 +357,12 @@ def main(argv=None) -> None:
     bench.add_argument("--augment_factor", type=int, default=1)
     bench.add_argument("--pitch_shift_min", type=int, default=-3)
     bench.add_argument("--pitch_shift_max", type=int, default=3)
-    bench.add_argument("--crop_alignment", type=int, default=16)
+    bench.add_argument(
+        "--crop_alignment",
+        type=int,
+        default=0,
+        help="0: crops start on bar lines; N: on multiples of N steps",
+    )
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)

@@ -6,11 +6,16 @@
         [--threshold 0.8] [--max_shift 12] [--out OUT.json]
     python -m fractalmidi_jax.evaluate nll --checkpoint C --data LIST_OR_DIR --crop_length W \\
         [--crops_per_file 8] [--draws 4] [--batch_size 64] [--seed 0] [--out OUT.json]
+    python -m fractalmidi_jax.evaluate prompts --checkpoint C --data LIST_OR_DIR [--crops 32] \
+        [--prompt_steps 40] [--mask_start 32 --mask_end 96 --mask_pitch_low 60 --mask_pitch_high 84] \
+        [--samples_per_crop 4] [--width W] [--seed 0] [--out OUT.json]
 
 A folder argument means every *.mid / *.midi under it (recursively); a .txt argument is
 a list of paths, one per line, relative ones resolved against the list's folder.
-Unreadable files are skipped with a one-line reason on stderr. The statistics and the
-algorithms are described in fractalmidi_jax/music_stats.py.
+Unreadable files are skipped with a one-line reason on stderr. Bars are each file's own, in
+the meter of its time signatures (a generated file's: the one it was written with; 4/4 where
+a file has none). The statistics and the algorithms are described in
+fractalmidi_jax/music_stats.py.
 
 Each subcommand is an `_add_<name>(subparsers)` function that declares its arguments
 and sets `func` to the `_run_<name>(args)` function that carries it out.
@@ -34,9 +39,9 @@ REFERENCE_COLOUR = (40, 100, 190)
 
 
 def _load(source: str, what: str):
-    """(name, notes) pairs of the files named by a folder or list, reporting skips."""
+    """(name, Score) pairs of the files named by a folder or list, reporting skips."""
     paths = music_stats.midi_paths(source)
-    loaded, skipped = music_stats.load_notes(progress.track(paths, f"reading --{what}", len(paths)))
+    loaded, skipped = music_stats.load_scores(progress.track(paths, f"reading --{what}", len(paths)))
     for path, reason in skipped:
         print(f"skip {path}: {reason}", file=sys.stderr)
     if not loaded:
@@ -159,9 +164,10 @@ def _run_music(args) -> None:
     result = music_stats.compare(generated, reference, bootstrap=args.bootstrap, seed=args.seed)
     result["sets"]["generated"]["source"] = args.generated
     result["sets"]["reference"]["source"] = args.reference
+    meters = lambda which: ", ".join(f"{n} in {m}" for m, n in result["sets"][which]["meters"].items())
     print(
-        f"generated: {len(generated.files)} files ({len(generated.skipped)} skipped), "
-        f"reference: {len(reference.files)} files ({len(reference.skipped)} skipped), "
+        f"generated: {len(generated.files)} files ({meters('generated')}; {len(generated.skipped)} skipped), "
+        f"reference: {len(reference.files)} files ({meters('reference')}; {len(reference.skipped)} skipped), "
         f"{args.bootstrap} bootstrap draws"
     )
     print(music_table(result))
@@ -325,12 +331,166 @@ def _run_nll(args) -> None:
         _write_json(args.out, result)
 
 
+def _add_prompts(subparsers) -> None:
+    p = subparsers.add_parser(
+        "prompts", help="how closely continuation and inpainting follow the music they are given"
+    )
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder, or <output_dir>/checkpoints/best")
+    p.add_argument("--data", required=True, help="folder or .txt list of held-out MIDI files")
+    p.add_argument(
+        "--width", type=int, default=0, help="crop and sample width in steps (default: the model's)"
+    )
+    p.add_argument("--crops", type=int, default=32, help="held-out crops (one fixed, seeded crop per file)")
+    p.add_argument("--samples_per_crop", type=int, default=4, help="samples per crop and mode (one batch)")
+    p.add_argument(
+        "--prompt_steps", type=int, default=40, help="continuation: steps given (40 ends inside a bar)"
+    )
+    p.add_argument("--mask_start", type=int, default=32, help="inpainting: first step to regenerate")
+    p.add_argument(
+        "--mask_end", type=int, default=96, help="inpainting: step after the last one to regenerate"
+    )
+    p.add_argument("--mask_pitch_low", type=int, default=60, help="inpainting: lowest pitch to regenerate")
+    p.add_argument("--mask_pitch_high", type=int, default=84, help="inpainting: highest pitch to regenerate")
+    p.add_argument(
+        "--num_iter_list", type=int, nargs="+", help="rounds per level (default: the checkpoint's)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="chooses the crops and the samples")
+    p.add_argument(
+        "--cache_dir", default="", help="parsed-roll cache (default: ~/.cache/fractalmidi_jax/rolls)"
+    )
+    p.add_argument("--no_ema", action="store_true", help="use the raw weights instead of their average")
+    p.add_argument("--out", help="write the result as JSON here")
+    p.set_defaults(func=_run_prompts)
+
+
+def prompts(
+    checkpoint,
+    data_source,
+    width=0,
+    crops=32,
+    samples_per_crop=4,
+    prompt_steps=40,
+    mask=(32, 96, 60, 84),
+    num_iter_list=None,
+    seed=0,
+    cache_dir="",
+    use_ema=True,
+) -> dict:
+    """Does generation follow the music it is given? On fixed crops of held-out songs, continuation
+    from the first `prompt_steps` (40 by default: the prompt ends inside a bar) and inpainting of
+    `mask` = (start, end, pitch low, pitch high), each region cut as generate.py cuts it (notes that
+    cross its border are kept whole, as context). For each: the pitch-class similarity
+    (music_stats.pitch_class_similarity) of the notes starting inside the region to those starting
+    outside it, for the model's samples, for unconditional samples against the same context (the
+    floor: nothing given) and for the real music (the ceiling); means over the (crop, sample) pairs
+    with notes on both sides (`pairs` counts them)."""
+    import numpy as np
+
+    from fractalmidi_jax import data, generation
+    from fractalmidi_jax import library as rolls
+    from fractalmidi_jax.roll import NUM_PITCHES
+
+    model = generation.Generator(checkpoint, use_ema)
+    kind = model.config.roll
+    width = model.width(width)
+    mask_start, mask_end, low, high = mask
+    if not 0 < prompt_steps < width:
+        raise generation.GenerationError(f"--prompt_steps {prompt_steps} must be between 1 and {width - 1}")
+    if not (0 <= mask_start < mask_end <= width and 0 <= low <= high < NUM_PITCHES):
+        raise generation.GenerationError(
+            f"the inpainting region [{mask_start}, {mask_end}) x [{low}, {high}] must lie within "
+            f"{width} steps x pitches 0..127"
+        )
+    library = rolls.RollLibrary(data_source, kind=kind, cache_dir=cache_dir or None)
+    real_NxPxW = data.fixed_crops(library, width, 1, seed, model.config.crop_alignment)[:crops]
+    regions = {"continuation": np.zeros((NUM_PITCHES, width), bool)}
+    regions["continuation"][:, prompt_steps:] = True
+    regions["inpainting"] = np.zeros_like(regions["continuation"])
+    regions["inpainting"][low : high + 1, mask_start:mask_end] = True
+    options = dict(batch_size=samples_per_crop, num_iter_list=num_iter_list)
+    empty_cells, empty_known = generation.empty_canvas(width)
+    unconditional = model.sample(
+        empty_cells, empty_known, len(real_NxPxW) * samples_per_crop, seed=seed, **options
+    ).rolls_NxPxW.reshape(len(real_NxPxW), samples_per_crop, NUM_PITCHES, width)
+
+    def similarity(roll_PxW, known_PxW, context_notes):
+        """Of the notes of `roll` that start in the region to the given context's."""
+        notes = generation.decode(roll_PxW, known_PxW, kind)
+        written = notes[~known_PxW[notes[:, 2], notes[:, 0]]]
+        return music_stats.pitch_class_similarity(written, context_notes)
+
+    result = {
+        "checkpoint": str(model.path),
+        "data": str(data_source),
+        "width": width,
+        "crops": len(real_NxPxW),
+    }
+    result.update(samples_per_crop=samples_per_crop, seed=seed, weights=model.weights)
+    for mode, region in regions.items():
+        found = {"model": [], "unconditional": [], "real": []}
+        for index, real in enumerate(
+            progress.track(real_NxPxW, f"{mode} of held-out crops", len(real_NxPxW))
+        ):
+            known = ~generation.keep_border_notes_whole(real, region, kind)
+            notes = generation.decode(real, known, kind)
+            context = notes[known[notes[:, 2], notes[:, 0]]]
+            cells = np.where(known, real, 0).astype(np.uint8)
+            samples = model.sample(cells, known, samples_per_crop, seed=seed + 1 + index, **options)
+            found["real"].append(similarity(real, known, context))
+            for sample, free in zip(samples.rolls_NxPxW, unconditional[index]):
+                found["model"].append(similarity(sample, known, context))
+                found["unconditional"].append(similarity(free, known, context))
+        kept = {name: [x for x in values if x is not None] for name, values in found.items()}
+        result[mode] = {name: float(np.mean(values)) if values else None for name, values in kept.items()}
+        result[mode]["pairs"] = {name: len(values) for name, values in kept.items()}
+    result["continuation"]["prompt_steps"] = prompt_steps
+    result["inpainting"]["region"] = {"steps": [mask_start, mask_end], "pitches": [low, high]}
+    return result
+
+
+def _run_prompts(args) -> None:
+    from fractalmidi_jax.checkpoint import CheckpointError
+    from fractalmidi_jax.generation import GenerationError
+
+    mask = (args.mask_start, args.mask_end, args.mask_pitch_low, args.mask_pitch_high)
+    try:
+        result = prompts(
+            args.checkpoint,
+            args.data,
+            args.width,
+            args.crops,
+            args.samples_per_crop,
+            args.prompt_steps,
+            mask,
+            args.num_iter_list,
+            args.seed,
+            args.cache_dir,
+            not args.no_ema,
+        )
+    except (CheckpointError, GenerationError, ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"error: {error}") from None
+    (start, end), (low, high) = result["inpainting"]["region"].values()
+    print(
+        f"pitch-class similarity of the generated part to its context, {result['crops']} crops of "
+        f"{result['width']} steps x {result['samples_per_crop']} samples"
+    )
+    continuation = f"continuation from {result['continuation']['prompt_steps']} steps"
+    inpainting = f"inpainting {start}..{end} x {low}..{high}"
+    print(f"{'':14s}  {continuation:>28s}  {inpainting:>28s}")
+    for name in ("model", "unconditional", "real"):
+        values = [_fmt(result[mode][name], digits=".3f") for mode in ("continuation", "inpainting")]
+        print(f"{name:14s}  {values[0]:>28s}  {values[1]:>28s}")
+    if args.out:
+        _write_json(args.out, result)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(description=__doc__.split("\n")[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_music(subparsers)
     _add_copying(subparsers)
     _add_nll(subparsers)
+    _add_prompts(subparsers)
     return parser
 
 

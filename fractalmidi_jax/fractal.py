@@ -15,6 +15,14 @@ Loss (one static shape per run):
     over reached cells.
 With `conditions`, level 0's columns also carry each bar's condition vector, computed from the
 roll itself and dropped at random in training (conditions.py).
+
+Partial masks (`partial_known`, training only): some samples are given the cells outside a
+region to write, as a prompt or an inpainting surrounding would be (masking.train_known_cells).
+The known mask travels down with the cells; hidden tokens show their known cells (level.py);
+known cells are given, not generated, so they are not scored. The loss is then an unbiased
+estimate of the mean over reached cells of the cross-entropy with a known cell counting 0
+(the denominator stays the exact count of reached cells); validation draws no known cells, so
+its figure is the original's.
 """
 
 import jax
@@ -27,6 +35,7 @@ from fractalmidi_jax import grid as grid_lib
 from fractalmidi_jax import masking
 from fractalmidi_jax import roll as roll_lib
 from fractalmidi_jax.ar import ARLevel
+from fractalmidi_jax.column import ColumnLevel
 from fractalmidi_jax.config import Config
 from fractalmidi_jax.head import CellHead
 from fractalmidi_jax.level import (
@@ -39,7 +48,7 @@ from fractalmidi_jax.level import (
 from fractalmidi_jax.mar import MARLevel
 
 # A level kind: a module with train / counts / generate (see mar.py); generator_types names them.
-LEVEL_KINDS = {"mar": MARLevel, "ar": ARLevel}
+LEVEL_KINDS = {"mar": MARLevel, "ar": ARLevel, "column": ColumnLevel}
 CONDITION_STREAM = 7  # the loss's key folded with this draws which conditions a sample keeps
 
 
@@ -102,6 +111,12 @@ def _reached(counts):
     return per_level
 
 
+def _hand_down(x_NxLxP, index_NxK, side: int, child_patch: int):
+    """The selected tokens' patches, one canvas each, cut into the next level's patches."""
+    canvases = grid_lib.gather_tokens(x_NxLxP, index_NxK).reshape(-1, side, side)
+    return grid_lib.patchify(canvases, child_patch)
+
+
 def fractal_loss(model: FractalModel, config: Config, roll_BxHxW, rng, train: bool, sample_weight_B=None):
     """Returns (loss in nats per reached cell, stats). `train` draws the training mask ratios and
     dropout; otherwise the uniform masks of the NLL estimator. `sample_weight_B` (0 or 1) leaves
@@ -111,7 +126,13 @@ def fractal_loss(model: FractalModel, config: Config, roll_BxHxW, rng, train: bo
     full_width = padded_width(config, width)
     cells_BxHxW = jnp.pad(roll_BxHxW.astype(jnp.int32), ((0, 0), (0, 0), (0, full_width - width)))
     in_roll = jnp.broadcast_to(jnp.arange(full_width) < width, (batch, height, full_width))
+    if train and config.partial_known:
+        known = masking.train_known_cells(jax.random.fold_in(rng, 1), batch, height, width)
+    else:
+        known = jnp.zeros((batch, height, width), bool)
+    known = jnp.pad(known, ((0, 0), (0, 0), (0, full_width - width)))
     cells, in_roll = grid_lib.patchify(cells_BxHxW, sizes[1]), grid_lib.patchify(in_roll, sizes[1])
+    known = grid_lib.patchify(known, sizes[1])
     num_tokens = tokens_per_level(config, width)
     level_budgets = budgets(config, width)
     rng_counts, rng_offset, rng_levels = jax.random.split(rng, 3)
@@ -149,23 +170,23 @@ def fractal_loss(model: FractalModel, config: Config, roll_BxHxW, rng, train: bo
             col_offset,
             order_rng,
             dropout_rng if train else None,
+            known_NxLxP=known,
         )
         stats[f"level_{k}/masked_fraction"] = jnp.mean(count_N) / num_tokens[k]
         stats[f"level_{k}/budget_dropped"] = jnp.mean(jnp.maximum(count_N - level_budgets[k], 0) / count_N)
         weight = (weight[:, None] * weight_NxK).reshape(-1)
         if config.border_context and not last:
             grid = level.trunk.grid(num_tokens[k] // level.trunk.rows)
-            border = gather_borders(level.trunk.child_borders(cells, visible_NxL, border, grid), index_NxK)
+            borders = level.trunk.child_borders(cells, visible_NxL, border, grid, known)
+            border = gather_borders(borders, index_NxK)
         side, child_patch = sizes[k + 1], sizes[min(k + 2, len(sizes) - 1)]
-        cells = grid_lib.gather_tokens(cells, index_NxK).reshape(-1, side, side)
-        in_roll = grid_lib.gather_tokens(in_roll, index_NxK).reshape(-1, side, side)
-        cells, in_roll = grid_lib.patchify(cells, child_patch), grid_lib.patchify(in_roll, child_patch)
+        cells, in_roll, known = (_hand_down(x, index_NxK, side, child_patch) for x in (cells, in_roll, known))
         conds = handed_down.reshape((-1,) + handed_down.shape[2:])
         col_offset = None
     target_N = cells.reshape(-1)
     logits = model.head.logits(conds[:, 0])
     cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, target_N)
-    weight = weight * in_roll.reshape(-1)
+    weight = weight * (in_roll & ~known).reshape(-1)
     reached_per_level = _reached(counts)
     reached = jnp.sum(reached_per_level[-1] * sample_weight) * (width / full_width)
     loss = jnp.sum(weight * cross_entropy) / reached
@@ -191,6 +212,8 @@ def train_flops_per_sample(config: Config, width: int) -> float:
         length = num_tokens[k] + conds - (1 if config.generator_types[k] == "ar" else 0)
         per_sequence = depth * (24 * length * dim * dim + 4 * length * length * dim)
         per_sequence += 2 * length * dim * channels * (config.img_size_list[k + 1] ** 2)
+        if config.partial_known:  # every token's known cells are embedded too
+            per_sequence += 2 * num_tokens[k] * dim * (channels + 1) * (config.img_size_list[k + 1] ** 2)
         if k > 0:
             per_sequence += 2 * NUM_HANDOFF_CONDS * config.embed_dim_list[k - 1] * dim
             if config.border_context:

@@ -91,25 +91,36 @@ def check_width(config: Config, width: int) -> None:
 
 
 def check_ar_prefix(config: Config, known_mask_PxW: np.ndarray) -> None:
-    """An AR level 0 conditions only on what comes before in its scan: the known cells must lie in
-    level-0 patches that precede every patch with something to generate."""
-    if config.generator_types[0] != "ar":
+    """An AR (or column) level 0 conditions only on what comes before in its scan: the known cells
+    must lie in level-0 patches (columns) that precede every patch (column) with something to
+    generate."""
+    kind = config.generator_types[0]
+    if kind == "mar":
         return
     patch = config.img_size_list[1]
     width = known_mask_PxW.shape[1]
     padded = np.zeros((NUM_PITCHES, -(-width // patch) * patch), bool)
     padded[:, :width] = known_mask_PxW
-    tiles = grid_lib.patchify(padded[None], patch)[0]
-    scan = grid_lib.Grid(NUM_PITCHES // patch, padded.shape[1] // patch, patch).scan_order(config.scan_order)
-    all_known, any_known = tiles.all(axis=1)[scan], tiles.any(axis=1)[scan]
-    first_open = int(np.argmin(all_known)) if not all_known.all() else len(scan)
+    if kind == "column":
+        steps = (
+            padded.reshape(NUM_PITCHES, -1, patch).transpose(1, 0, 2).reshape(padded.shape[1] // patch, -1)
+        )
+        all_known, any_known = steps.all(axis=1), steps.any(axis=1)
+    else:
+        tiles = grid_lib.patchify(padded[None], patch)[0]
+        scan = grid_lib.Grid(NUM_PITCHES // patch, padded.shape[1] // patch, patch).scan_order(
+            config.scan_order
+        )
+        all_known, any_known = tiles.all(axis=1)[scan], tiles.any(axis=1)[scan]
+    first_open = int(np.argmin(all_known)) if not all_known.all() else len(all_known)
     if any_known[first_open + 1 :].any():
+        order = "time" if kind == "column" else config.scan_order
         raise GenerationError(
-            f"this model's level 0 is autoregressive in {config.scan_order} order, so it can only condition on "
+            f"this model's level 0 is autoregressive in {order} order, so it can only condition on "
             "music that comes first in that order; the known music here lies after the part to generate. "
             + (
                 "Use continuation with a column_major model, or a model with a MAR level 0."
-                if config.scan_order == "row_major"
+                if order == "row_major"
                 else "Use a model with a MAR level 0 for inpainting."
             )
         )
@@ -141,7 +152,9 @@ def steps_of(steps: int | None, bars: float | None, score: midi.Score, name: str
     """A position given in steps (`--<name>`) or in bars of the input's meter (`--<name>_bar(s)`)."""
     if steps is not None and bars is not None:
         raise GenerationError(f"give --{name} or its bar form, not both")
-    return steps if bars is None else round(bars * score.bar_steps)
+    if bars is not None and not np.isfinite(bars):
+        raise GenerationError(f"the bar form of --{name} must be a finite number of bars, not {bars}")
+    return steps if bars is None else midi.bar_step(score.time_signatures, bars)
 
 
 def window_starts(total: int, window: int, overlap_bars: int) -> tuple[int, ...]:
@@ -268,7 +281,7 @@ class Generator:
         num_samples: int = 4,
         batch_size: int = BATCH_SIZE,
         seed: int = 0,
-        temperature: float = 1.0,
+        temperature: float | None = None,
         num_iter_list=None,
         num_bars: int = 0,
         overlap_bars: int = 0,
@@ -354,7 +367,9 @@ class Generator:
         """(rolls N x 128 x W uint8, frames F x N x 128 x W, (compile seconds, seconds per batch)):
         the sampler over N canvases batch_size at a time, batch b drawing with fold_in(key, b).
         `features` ({name: N x Bars x size}) and given_NxK are each sample's conditions (None for a
-        model without), `cfg` a guidance scale (None: none); num_iter rounds per level."""
+        model without), `cfg` a guidance scale (None: none); num_iter rounds per level; temperature
+        None is the model's."""
+        temperature = self.config.temperature if temperature is None else temperature
         num_samples, _, width = cells_NxPxW.shape
         num_batches = -(-num_samples // batch_size)
         fill = np.arange(num_batches * batch_size) % num_samples  # the last batch is filled up with repeats
@@ -476,7 +491,7 @@ class Generator:
         num_samples,
         batch_size=BATCH_SIZE,
         seed=0,
-        temperature=1.0,
+        temperature=None,
         num_iter_list=None,
         num_bars=0,
         overlap_bars=0,
@@ -570,7 +585,7 @@ def generate(args) -> dict:
         "conditions": {name: conditions_lib.as_text(v) for name, v in requests.items() if v is not None},
         "cfg": args.cfg,
         "num_iter_list": list(samples.num_iter_list),
-        "temperature": args.temperature,
+        "temperature": model.config.temperature if args.temperature is None else args.temperature,
         "tempo_bpm": tempo,
         "time_signature": list(meter),
         "weights": model.weights,
@@ -603,13 +618,13 @@ def _write_sample(
     notes = decode(roll, known, kind, args.min_velocity, args.min_note_steps, args.velocity_tolerance)
     midi.write_midi(stem.with_suffix(".mid"), notes, tempo_bpm=tempo, time_signature=meter)
     files = [stem.with_suffix(".mid").name]
-    bar = midi.bar_steps(*meter)
+    bars = midi.bar_lines([(0, *meter)], roll.shape[1])
     if args.save_png:
-        render.save_png(stem.with_suffix(".png"), roll_lib.velocity_cells(roll, kind), bar_steps=bar)
+        render.save_png(stem.with_suffix(".png"), roll_lib.velocity_cells(roll, kind), bar_lines=bars)
         files.append(stem.with_suffix(".png").name)
     if args.save_gif:
         pictures = [roll_lib.velocity_cells(frame, kind) for frame in frames]
-        render.save_gif(stem.with_suffix(".gif"), pictures, bar_steps=bar)
+        render.save_gif(stem.with_suffix(".gif"), pictures, bar_lines=bars)
         files.append(stem.with_suffix(".gif").name)
     if args.save_wav:
         render.save_wav(stem.with_suffix(".wav"), stem.with_suffix(".mid"), args.soundfont)
@@ -654,7 +669,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=1.0,
         help="guidance of the conditions: 1 = plain conditional, 2-3 = stronger",
     )
-    add("--temperature", type=float, default=1.0, help="below 1: safer choices; above 1: more adventurous")
+    add(
+        "--temperature",
+        type=float,
+        help="the head's sampling temperature (default: the model's, 0.97 for today's; below: sparser, above: busier)",
+    )
     add("--seed", type=int, default=0, help="the same seed, checkpoint and flags give the same files")
     add("--output_dir", default="outputs/generated", help="each run writes a fresh run_N folder inside it")
     add(
@@ -706,9 +725,9 @@ def main(argv=None) -> None:
         parser.error("--num_samples and --batch_size must be at least 1")
     use_compilation_cache()
     try:
-        if not args.temperature > 0 or not np.isfinite(args.temperature):
+        if args.temperature is not None and not (args.temperature > 0 and np.isfinite(args.temperature)):
             raise GenerationError(
-                f"--temperature {args.temperature} must be a positive number (1 = the model's own)"
+                f"--temperature {args.temperature} must be a positive number (1 = the model's own distribution)"
             )
         if args.num_iter_list and min(args.num_iter_list) < 1:
             rounds = " ".join(map(str, args.num_iter_list))

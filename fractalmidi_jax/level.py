@@ -12,6 +12,14 @@ Border context: a patch's left neighbour may hold the start of a note that goes 
 that column is visible (already drawn, or known), as one more condition token; a level passes
 its children their own border columns, cut from its canvas or from its own border.
 
+Partly known patches (`partial_known`): a prompt that ends inside a bar, or a region to
+inpaint inside pitch bounds, leaves patches of which only some cells are known. A level hides
+such a patch as a whole until it is generated; with `partial_known` the hidden patch still
+shows its known cells (their features, zeros elsewhere, and the known mask: `embed_known`),
+and a child's border column shows the known cells of a hidden left neighbour, so every known
+cell conditions every level from the first round. A cell that is not known never reaches the
+network through them.
+
 Positions: a learned table per pitch-band row plus one per time column (factorised, so no
 parameter is spent on a position no level can reach) and one per condition token. Level 0's
 column table covers `max_crop_length`; during training its columns start at a random offset,
@@ -75,6 +83,9 @@ class LevelTrunk(nnx.Module):
         if self.has_border:
             self.border_embed = dense(sizes[level] * (channels + 1), width, self.dtype, rngs)
         self.patch_embed = dense(self.patch * self.patch * channels, width, self.dtype, rngs)
+        self.partial_known = config.partial_known
+        if self.partial_known:
+            self.known_embed = dense(self.patch * self.patch * (channels + 1), width, self.dtype, rngs)
         self.cond_pos = nnx.Param(embedding_init(rngs.params(), (self.num_conds, width)))
         self.row_pos = nnx.Param(embedding_init(rngs.params(), (self.rows, width)))
         self.col_pos = nnx.Param(embedding_init(rngs.params(), (self.max_cols, width)))
@@ -100,9 +111,7 @@ class LevelTrunk(nnx.Module):
         else:
             tokens = self.cond_embed(conds_NxCxE)
         if self.has_border:
-            known_NxHx1 = border.known[..., None].astype(self.dtype)
-            features = roll_lib.cell_features(border.cells, self.roll, self.dtype) * known_NxHx1
-            column = jnp.concatenate([features, known_NxHx1], axis=-1).reshape(num_sequences, 1, -1)
+            column = self.known_features(border.cells, border.known).reshape(num_sequences, 1, -1)
             tokens = jnp.concatenate([tokens.astype(self.dtype), self.border_embed(column)], axis=1)
         return (tokens + self.cond_pos[...]).astype(self.dtype)
 
@@ -110,6 +119,17 @@ class LevelTrunk(nnx.Module):
         """Cells are integer tokens (roll.py); the network sees their features."""
         features = roll_lib.cell_features(cells_NxLxP, self.roll, self.dtype)
         return self.patch_embed(features.reshape(cells_NxLxP.shape[:-1] + (-1,)))
+
+    def known_features(self, cells, known):
+        """[..., C + 1] inputs of cells of which only some are known: the features of the known
+        ones (zeros elsewhere, whatever the cell holds) and the known mask."""
+        features = roll_lib.cell_features(jnp.where(known, cells, 0), self.roll, self.dtype)
+        return jnp.concatenate([features, known[..., None].astype(self.dtype)], axis=-1)
+
+    def embed_known(self, cells_NxLxP, known_NxLxP):
+        """N x L x D: what a hidden patch shows of itself (partial_known), its known cells."""
+        features = self.known_features(cells_NxLxP, known_NxLxP)
+        return self.known_embed(features.reshape(cells_NxLxP.shape[:-1] + (-1,)))
 
     def positions(self, grid_index_L, cols: int, col_offset_N=None):
         """Position embeddings of tokens at the given grid indices: L x D, or N x L x D when
@@ -141,10 +161,13 @@ class LevelTrunk(nnx.Module):
         conds = grid_lib.gather_tokens(h_NxTxD, flat_index).reshape(n, k, o, -1)
         return jnp.where((source_NxKxO >= 0)[..., None], conds, 0).astype(conds.dtype)
 
-    def child_borders(self, cells_NxLxP, visible_NxL, border: Border | None, grid: grid_lib.Grid) -> Border:
+    def child_borders(
+        self, cells_NxLxP, visible_NxL, border: Border | None, grid: grid_lib.Grid, known_NxLxP=None
+    ) -> Border:
         """Every token's border column (N x L x p each): the last cell column of its left
-        neighbour patch where that patch is visible, or this canvas's own border at column 0
-        (known silence at level 0: a roll starts with nothing before it)."""
+        neighbour patch where that patch is visible (with partial_known, also its known cells:
+        `known_NxLxP`, None for none), or this canvas's own border at column 0 (known silence at
+        level 0: a roll starts with nothing before it)."""
         n, num_tokens, _ = cells_NxLxP.shape
         p = grid.patch
         left_L = grid.neighbours()[grid_lib.NEIGHBOURS.index("left")]
@@ -152,6 +175,8 @@ class LevelTrunk(nnx.Module):
         source_L = np.maximum(left_L, 0)
         last_column = cells_NxLxP[:, source_L][:, :, p - 1 :: p]
         left_visible = jnp.broadcast_to(visible_NxL[:, source_L][..., None], last_column.shape)
+        if self.partial_known and known_NxLxP is not None:
+            left_visible = left_visible | known_NxLxP[:, source_L][:, :, p - 1 :: p]
         band_L = np.arange(num_tokens) // grid.cols
         if border is None:
             edge_cells, edge_known = jnp.zeros_like(last_column), jnp.ones(last_column.shape, bool)

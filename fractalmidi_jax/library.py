@@ -7,10 +7,11 @@ Letters in names: P = 128 pitches, T = steps of a whole piece, N = rows.
    hash of each relative path, so adding files never moves the files already assigned.
 2. Library. `RollLibrary` parses each file once with `midi.read_score` in a worker process (a
    crash or hang costs that file only) and caches the roll's constant-velocity runs as a small
-   .npz named by sha256(file bytes, PIPELINE_VERSION, ReadOptions, roll kind); a record names the
-   roll kind it holds and a record of another kind is never used. Unusable files are skipped
-   with a logged reason, never replaced by silence. Rolls live in RAM, or are rebuilt from the
-   disk cache on each access.
+   .npz named by sha256(file bytes, CACHE_FORMAT, PIPELINE_VERSION, ReadOptions, roll kind),
+   with the piece's time signatures (its meter: `bar_lines` are where its crops may start); a
+   record names the roll kind it holds and a record of another kind is never used. Unusable
+   files are skipped with a logged reason, never replaced by silence. Rolls live in RAM, or are
+   rebuilt from the disk cache on each access.
 """
 
 import collections
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 
 MIDI_SUFFIXES = (".mid", ".midi")
 SPLITS = ("train", "valid", "test")
-CACHE_FORMAT = 2  # bump when the .npz layout written by _parse_file changes
+CACHE_FORMAT = 3  # bump when the .npz layout written by _parse_file changes (3: time signatures)
 
 
 # --- file lists ---
@@ -141,6 +142,7 @@ def _parse_file(path: str, options: midi.ReadOptions, kind: str) -> dict:
         "file_seconds": np.float64(score.seconds),
         "capped": np.bool_(score.capped),
         "warning": np.str_("; ".join(score.warnings)),
+        "time_signatures": np.array(score.time_signatures, np.int64).reshape(-1, 3),
     }
 
 
@@ -299,10 +301,11 @@ class RollLibrary:
         cache_paths, facts, rolls, reasons, misses = {}, {}, {}, {}, []
 
         def keep(index, record):  # the segments themselves stay only as rolls, and only in memory mode
+            meter = tuple(map(tuple, record["time_signatures"].tolist()))
             facts[index] = {
                 name: record[name].item()
                 for name in ("num_steps", "num_notes", "seconds", "file_seconds", "capped", "warning")
-            }
+            } | {"time_signatures": meter}
             if cache_in_memory:
                 rolls[index] = segments_to_roll(record["segments"], facts[index]["num_steps"])
 
@@ -341,6 +344,10 @@ class RollLibrary:
         self.num_notes = np.array([facts[i]["num_notes"] for i in usable], np.int64)
         self.seconds = np.array([facts[i]["seconds"] for i in usable], np.float64)
         self.capped = np.array([facts[i]["capped"] for i in usable], bool)
+        self.time_signatures = [facts[i]["time_signatures"] for i in usable]  # Score.time_signatures
+        self.bar_lines = [  # midi.bar_lines of each piece: where its bars start
+            midi.bar_lines(meter, steps) for meter, steps in zip(self.time_signatures, self.num_steps)
+        ]
         self.capped_notes = [
             f"{listed[i]}: kept its first {facts[i]['num_steps']:,} steps "
             f"({facts[i]['seconds'] / 3600:,.2f} of {facts[i]['file_seconds'] / 3600:,.2f} hours)"

@@ -1,5 +1,5 @@
 """A masked-autoregressive (MAR) level: bidirectional attention over all patch tokens, hidden
-tokens replaced by a learned mask token.
+tokens replaced by a learned mask token (with `partial_known`, plus their known cells: level.py).
 
 Training (`train`): draw a random order; the first `count` tokens of it are hidden; the level
 runs once; the first K tokens of the order (the budget) hand their conditions down with their
@@ -31,15 +31,22 @@ class MARLevel(nnx.Module):
         self.trunk = LevelTrunk(config, level, rngs)
         self.mask_token = nnx.Param(embedding_init(rngs.params(), (config.embed_dim_list[level],)))
 
-    def predict(self, cells_NxLxP, hidden_NxL, conds_NxCxE, border=None, col_offset_N=None, rng=None):
-        """N x (C + L) x D outputs, given the visible tokens: the C condition tokens' first, then
-        every patch token's (the hand-off gathers from it at offset C, so the backward pass
-        never pads a sliced copy)."""
+    def predict(
+        self, cells_NxLxP, hidden_NxL, conds_NxCxE, border=None, col_offset_N=None, rng=None, known_NxLxP=None
+    ):
+        """N x (C + L) x D outputs, given the visible tokens (and with partial_known the known
+        cells of hidden ones; None: none known): the C condition tokens' first, then every patch
+        token's (the hand-off gathers from it at offset C, so the backward pass never pads a
+        sliced copy)."""
         n, num_tokens, _ = cells_NxLxP.shape
         trunk = self.trunk
         cols = num_tokens // trunk.rows
         tokens = trunk.embed_patches(cells_NxLxP)
-        tokens = jnp.where(hidden_NxL[..., None], self.mask_token[...].astype(tokens.dtype), tokens)
+        hidden_tokens = self.mask_token[...].astype(tokens.dtype)
+        if trunk.partial_known:
+            known = jnp.zeros(cells_NxLxP.shape, bool) if known_NxLxP is None else known_NxLxP
+            hidden_tokens = hidden_tokens + trunk.embed_known(cells_NxLxP, known)
+        tokens = jnp.where(hidden_NxL[..., None], hidden_tokens, tokens)
         tokens = tokens + trunk.positions(jnp.arange(num_tokens), cols, col_offset_N)
         x = jnp.concatenate([trunk.cond_tokens(conds_NxCxE, n, border), tokens], axis=1)
         return trunk.transformer(x, rng=rng)[0]
@@ -53,15 +60,28 @@ class MARLevel(nnx.Module):
         return masking.eval_mask_counts(rng, shape, num_tokens)
 
     def train(
-        self, cells_NxLxP, conds_NxCxE, border, count_N, budget, num_out, col_offset_N, order_rng, dropout_rng
+        self,
+        cells_NxLxP,
+        conds_NxCxE,
+        border,
+        count_N,
+        budget,
+        num_out,
+        col_offset_N,
+        order_rng,
+        dropout_rng,
+        known_NxLxP=None,
     ):
         """Returns (index_NxK, weight_NxK, conds_NxKxOxD) of the tokens handed down and
-        visible_NxL, the tokens their children may see."""
+        visible_NxL, the tokens their children may see. Hidden tokens are drawn as without known
+        cells (so the budget weights hold); a hidden token shows its known cells (partial_known)."""
         n, num_tokens, _ = cells_NxLxP.shape
         order_NxL = masking.random_orders(order_rng, n, num_tokens)
         rank_NxL = jnp.argsort(order_NxL, axis=-1)
         hidden_NxL = rank_NxL < count_N[:, None]
-        h_NxTxD = self.predict(cells_NxLxP, hidden_NxL, conds_NxCxE, border, col_offset_N, dropout_rng)
+        h_NxTxD = self.predict(
+            cells_NxLxP, hidden_NxL, conds_NxCxE, border, col_offset_N, dropout_rng, known_NxLxP
+        )
         index_NxK = order_NxL[:, :budget]
         grid = self.trunk.grid(num_tokens // self.trunk.rows)
         conds = self.trunk.handoff(
@@ -81,11 +101,11 @@ class MARLevel(nnx.Module):
         round_keys = jax.random.split(rng, len(counts))
 
         def one_round(cells, hidden_NxL, index_NxC, valid_C, key):
-            h_NxTxD = self.predict(cells, hidden_NxL, conds, border, col_offset_N)
+            h_NxTxD = self.predict(cells, hidden_NxL, conds, border, col_offset_N, known_NxLxP=known)
             child_conds = trunk.handoff(
                 h_NxTxD, index_NxC, grid, self.handoff_neighbours, num_out, offset=trunk.num_conds
             )
-            borders = sampler.child_borders(k, cells, ~hidden_NxL, border, grid, index_NxC)
+            borders = sampler.child_borders(k, cells, ~hidden_NxL, border, grid, index_NxC, known)
             old = grid_lib.gather_tokens(cells, index_NxC)
             new = sampler.children(
                 k, child_conds, old, grid_lib.gather_tokens(known, index_NxC), borders, key

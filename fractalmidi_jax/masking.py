@@ -7,6 +7,10 @@ min(n, K) hidden tokens of its random order (a uniform random subset of the hidd
 each weighted n / min(n, K) (a Horvitz-Thompson weight), and K - min(n, K) empty slots of
 weight 0. The weighted sum of per-cell losses is then an unbiased estimate of the sum over all
 cells the original model reaches, with one compiled shape for the whole run.
+
+Known regions (`partial_known`): users give a prompt that may end inside a bar, or a region to
+inpaint inside pitch bounds, so in training a share of the samples is given a region of that
+kind to write and is told every cell outside it (`train_known_cells`).
 """
 
 import math
@@ -15,6 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from fractalmidi_jax.config import mean_mask_ratio
+
+KNOWN_REGION_SHARE = 0.5  # training samples (partial_known) that are given a known region
 
 
 def train_mask_counts(rng, shape, num_tokens: int, loc: float, scale: float):
@@ -27,6 +33,28 @@ def train_mask_counts(rng, shape, num_tokens: int, loc: float, scale: float):
 def eval_mask_counts(rng, shape, num_tokens: int):
     """Uniform 1..L hidden tokens: the NLL estimator of the original's validation."""
     return jax.random.randint(rng, shape, 1, num_tokens + 1, dtype=jnp.int32)
+
+
+def train_known_cells(rng, batch: int, height: int, width: int):
+    """B x H x W bool, the cells a training sample is given: for KNOWN_REGION_SHARE of the samples
+    everything outside a region to write, [start, end) x [low, high], with start uniform over the
+    steps, end the roll's end (a continuation) or uniform after start (an inpainting span) with
+    equal chances, and the region all pitches or a random pitch band with equal chances; the
+    other samples are given nothing."""
+    rng_given, rng_start, rng_open, rng_end, rng_full, rng_band = jax.random.split(rng, 6)
+    given_B = jax.random.bernoulli(rng_given, KNOWN_REGION_SHARE, (batch,))
+    start_B = jax.random.randint(rng_start, (batch,), 0, width)
+    span_end_B = jax.random.randint(rng_end, (batch,), start_B + 1, width + 1)
+    end_B = jnp.where(jax.random.bernoulli(rng_open, 0.5, (batch,)), width, span_end_B)
+    band_Bx2 = jnp.sort(jax.random.randint(rng_band, (batch, 2), 0, height), axis=-1)
+    all_pitches_B = jax.random.bernoulli(rng_full, 0.5, (batch,))
+    low_B = jnp.where(all_pitches_B, 0, band_Bx2[:, 0])
+    high_B = jnp.where(all_pitches_B, height - 1, band_Bx2[:, 1])
+    step_W, pitch_H = jnp.arange(width), jnp.arange(height)
+    in_span_BxW = (step_W >= start_B[:, None]) & (step_W < end_B[:, None])
+    in_band_BxH = (pitch_H >= low_B[:, None]) & (pitch_H <= high_B[:, None])
+    to_write_BxHxW = in_band_BxH[:, :, None] & in_span_BxW[:, None, :]
+    return given_B[:, None, None] & ~to_write_BxHxW
 
 
 def random_orders(rng, num_sequences: int, num_tokens: int):

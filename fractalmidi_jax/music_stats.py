@@ -1,17 +1,20 @@
 """Music statistics of sets of MIDI files, their comparison, and a copying check.
 
 Everything here reads MIDI files only (through `midi.read_score`), so it can judge any
-generator. Time is the sixteenth-note grid of read_score; step 0 is taken as a
-downbeat, a bar is 16 steps (4/4) and a window is 8 bars (128 steps, one training
-crop). A file has ceil(last note end / 16) bars: a MIDI file says nothing about
-silence after its last note, so trailing empty bars are not seen.
+generator. Time is the sixteenth-note grid of read_score; bars are the file's own, from its
+time signatures (`midi.bar_lines`: step 0 is a downbeat, a 3/4 bar is 12 steps, a file
+without a time signature is 4/4, 16 steps a bar; a meter change starts a bar), so a
+generated file counts in the meter it was written with. A window is 128 steps (one
+training crop; 8 bars of 4/4). A file's bars run up to the bar that holds its last note
+end: a MIDI file says nothing about silence after its last note, so trailing empty bars
+are not seen.
 
 Features (FEATURES; each value below is one sample of the feature's distribution):
 - notes_per_bar: notes starting in each bar (every bar of the file, empty ones too).
 - polyphony: distinct pitches sounding at each step where any sounds.
 - pitch_range, pitch_mean, pitch_std: max - min, mean and (population) std of the
-  pitches of the notes starting in each 8-bar window that has any. Windows are the
-  whole 8-bar windows from step 0; a file shorter than 8 bars is one window.
+  pitches of the notes starting in each window that has any. Windows are the whole
+  128-step windows from step 0 within the file's bars; a shorter file is one window.
 - pitch_class: pitch % 12 of each note (categorical: no mean).
 - velocity, note_length (end - onset, steps): one value per note.
 - ioi: steps between successive distinct onset steps of the file.
@@ -42,8 +45,15 @@ near-identical (OA close to 1) the OA draws sit mostly below the point estimate 
 the interval may end at it. Judge a model's OA against the OA of real-vs-real data
 (the ceiling), at similar set sizes.
 
-Copying check (copying_check): a bar is its binarised sounding cells, 16 steps x 128
-pitches (so a held note counts in every step it sounds, not only at its onset). For
+Following the context (pitch_class_similarity): the cosine of the pitch-class histograms
+(one count per note, as the pitch_class feature) of two sets of notes, such as the notes a
+generator wrote into a region and the notes given around it; 1 = the same pitch classes in the
+same proportions. `python -m fractalmidi_jax.evaluate prompts` reports it.
+
+Copying check (copying_check): a bar is its binarised sounding cells, W steps x 128
+pitches, where W is the longest bar of either set and a shorter bar is padded with
+silence (so bars of 4/4 and 3/4 compare cell by cell from their downbeats, and a held
+note counts in every step it sounds, not only at its onset). For
 each generated bar (empty bars, or bars under min_cells cells, are left out) we find
 the training bar and pitch shift d in [-max_shift, max_shift] with the highest
 intersection over union (IoU) of cells, the generated bar shifted by d (cells shifted
@@ -60,6 +70,7 @@ multiply-adds: under a minute on two CPU cores.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
@@ -69,9 +80,7 @@ import numpy as np
 from fractalmidi_jax import midi
 from fractalmidi_jax.roll import NUM_PITCHES, note_cells
 
-BAR_STEPS = 16
 WINDOW_STEPS = 128
-BAR_CELLS = BAR_STEPS * NUM_PITCHES
 CI_LEVEL = 0.95
 
 
@@ -106,9 +115,9 @@ _LOG_STEPS = (1, 2, 3, 4, 5, 7, 9, 13, 17)  # 1, 2, 3, 4, 5-6, 7-8, 9-12, 13-16,
 FEATURES: tuple[Feature, ...] = (
     Feature("notes_per_bar", "notes starting per bar", tuple(range(0, 97, 4))),
     Feature("polyphony", "pitches sounding per sounding step", tuple(range(1, 17))),
-    Feature("pitch_range", "max - min pitch per 8-bar window, semitones", tuple(range(0, 128, 4))),
-    Feature("pitch_mean", "mean pitch per 8-bar window", tuple(range(0, 128, 4))),
-    Feature("pitch_std", "pitch std per 8-bar window, semitones", tuple(range(0, 33))),
+    Feature("pitch_range", "max - min pitch per 128-step window, semitones", tuple(range(0, 128, 4))),
+    Feature("pitch_mean", "mean pitch per 128-step window", tuple(range(0, 128, 4))),
+    Feature("pitch_std", "pitch std per 128-step window, semitones", tuple(range(0, 33))),
     Feature("pitch_class", "pitch class of each note (0 = C)", tuple(range(12)), categorical=True),
     Feature("velocity", "velocity of each note", tuple(range(0, 128, 8))),
     Feature("note_length", "note length, steps", _LOG_STEPS),
@@ -116,7 +125,7 @@ FEATURES: tuple[Feature, ...] = (
     Feature("empty_bar", "1 if no note sounds in the bar", (0, 1)),
     Feature(
         "sounding_share",
-        "sounding cells / (128 x steps) per 8-bar window",
+        "sounding cells / (128 x steps) per 128-step window",
         tuple(round(0.005 * i, 3) for i in range(21)),
         integer=False,
     ),
@@ -137,12 +146,12 @@ def midi_paths(source) -> list[Path]:
     raise ValueError(f"{source}: expected a folder of MIDI files or a .txt list of paths")
 
 
-def load_notes(paths: Sequence[Path], options: midi.ReadOptions = midi.ReadOptions()):
-    """Read each file's notes; returns ([(path, notes)], [(path, one-line reason)])."""
+def load_scores(paths: Sequence[Path], options: midi.ReadOptions = midi.ReadOptions()):
+    """Read each file's notes and meter; returns ([(path, Score)], [(path, one-line reason)])."""
     loaded, skipped = [], []
     for path in paths:
         try:
-            loaded.append((str(path), midi.read_score(path, options).notes))
+            loaded.append((str(path), midi.read_score(path, options)))
         except midi.MidiError as err:
             skipped.append((str(path), str(err)))
     return loaded, skipped
@@ -157,20 +166,23 @@ def sounding_cells(notes: np.ndarray, num_steps: int) -> np.ndarray:
     return np.cumsum(delta[:-1], axis=0) > 0
 
 
-def num_bars(notes: np.ndarray) -> int:
-    """Bars up to the last note end."""
-    return -(-int(notes[:, 1].max()) // BAR_STEPS)
+def piece_bar_lines(notes: np.ndarray, time_signatures=()) -> np.ndarray:
+    """int64 [bars + 1]: where each bar up to the last note end starts, then where the last one
+    ends, in the piece's meter (midi.bar_lines)."""
+    return midi.bar_lines(time_signatures, int(notes[:, 1].max()))
 
 
-def feature_values(notes: np.ndarray) -> dict[str, np.ndarray]:
-    """Every feature's values (samples) for one file's notes (int [N, 4], N >= 1)."""
+def feature_values(notes: np.ndarray, time_signatures=()) -> dict[str, np.ndarray]:
+    """Every feature's values (samples) for one file's notes (int [N, 4], N >= 1), bars counted in
+    its meter (Score.time_signatures; none = 4/4)."""
     onset, end, pitch, velocity = (notes[:, i].astype(np.int64) for i in range(4))
-    bars = num_bars(notes)
-    cells = sounding_cells(notes, bars * BAR_STEPS)
+    lines = piece_bar_lines(notes, time_signatures)
+    bars, steps = len(lines) - 1, int(lines[-1])
+    cells = sounding_cells(notes, steps)
     per_step = cells.sum(axis=1)
 
-    window = min(WINDOW_STEPS, bars * BAR_STEPS)
-    windows = bars * BAR_STEPS // window
+    window = min(WINDOW_STEPS, steps)
+    windows = steps // window
     in_window = onset < windows * window
     w = onset[in_window] // window
     p = pitch[in_window]
@@ -184,7 +196,7 @@ def feature_values(notes: np.ndarray) -> dict[str, np.ndarray]:
     square = np.bincount(w, p * p, minlength=windows)[used] / count[used]
 
     return {
-        "notes_per_bar": np.bincount(onset // BAR_STEPS, minlength=bars),
+        "notes_per_bar": np.bincount(np.searchsorted(lines, onset, side="right") - 1, minlength=bars),
         "polyphony": per_step[per_step > 0],
         "pitch_range": (highest - lowest)[used],
         "pitch_mean": mean,
@@ -193,7 +205,7 @@ def feature_values(notes: np.ndarray) -> dict[str, np.ndarray]:
         "velocity": velocity,
         "note_length": end - onset,
         "ioi": np.diff(np.unique(onset)),
-        "empty_bar": (~cells.reshape(bars, BAR_CELLS).any(axis=1)).astype(np.int64),
+        "empty_bar": (~np.logical_or.reduceat(cells.any(axis=1), lines[:-1])).astype(np.int64),
         "sounding_share": cells[: windows * window].reshape(windows, -1).mean(axis=1),
     }
 
@@ -204,6 +216,7 @@ class SetStats:
     without recomputing anything."""
 
     files: list[str]
+    meters: list[str]  # each file's first time signature, "3/4" ("4/4" where it has none)
     skipped: list[tuple[str, str]]
     counts: dict[str, np.ndarray]  # feature -> int [files, bins] histogram counts
     moments: dict[str, np.ndarray]  # feature -> float [files, 3]: number of values, sum, sum of squares
@@ -225,19 +238,23 @@ def continuity_counts(notes: np.ndarray) -> np.ndarray:
     return np.array([pairs.sum(), same.sum(), runs, sounding.sum()], np.int64)
 
 
-def set_stats(named_notes: Sequence[tuple[str, np.ndarray]], skipped=()) -> SetStats:
-    """SetStats of (name, notes) pairs; `skipped` is carried along for reporting."""
-    counts = {f.name: np.zeros((len(named_notes), len(f.edges)), np.int64) for f in FEATURES}
-    moments = {f.name: np.zeros((len(named_notes), 3)) for f in FEATURES}
-    for i, (_, notes) in enumerate(named_notes):
-        for name, values in feature_values(notes).items():
+def set_stats(named_scores: Sequence[tuple[str, midi.Score]], skipped=()) -> SetStats:
+    """SetStats of (name, Score) pairs, each in its own meter; `skipped` is carried along for
+    reporting."""
+    counts = {f.name: np.zeros((len(named_scores), len(f.edges)), np.int64) for f in FEATURES}
+    moments = {f.name: np.zeros((len(named_scores), 3)) for f in FEATURES}
+    for i, (_, score) in enumerate(named_scores):
+        for name, values in feature_values(score.notes, score.time_signatures).items():
             values = values.astype(np.float64)
             counts[name][i] = np.bincount(
                 FEATURE_BY_NAME[name].bin_of(values), minlength=counts[name].shape[1]
             )
             moments[name][i] = (values.size, values.sum(), (values * values).sum())
-    continuity = np.array([continuity_counts(notes) for _, notes in named_notes], np.int64).reshape(-1, 4)
-    return SetStats([name for name, _ in named_notes], list(skipped), counts, moments, continuity)
+    continuity = np.array([continuity_counts(s.notes) for _, s in named_scores], np.int64).reshape(-1, 4)
+    meters = [
+        "/".join(map(str, s.time_signatures[0][1:])) if s.time_signatures else "4/4" for _, s in named_scores
+    ]
+    return SetStats([name for name, _ in named_scores], meters, list(skipped), counts, moments, continuity)
 
 
 def continuity(stats: SetStats) -> dict:
@@ -356,17 +373,34 @@ def _finite_mean(x: np.ndarray) -> np.ndarray:
 
 
 def _set_header(stats: SetStats) -> dict:
-    return {"files": len(stats.files), "skipped": [list(s) for s in stats.skipped]}
+    return {
+        "files": len(stats.files),
+        "meters": dict(collections.Counter(stats.meters).most_common()),
+        "skipped": [list(s) for s in stats.skipped],
+    }
 
 
-def bar_cells(notes: np.ndarray) -> np.ndarray:
-    """bool [bars, 16, 128]: each bar's sounding cells (step-major)."""
-    bars = num_bars(notes)
-    return sounding_cells(notes, bars * BAR_STEPS).reshape(bars, BAR_STEPS, NUM_PITCHES)
+def pitch_class_similarity(notes_a: np.ndarray, notes_b: np.ndarray) -> float | None:
+    """Cosine of the pitch-class histograms of two sets of notes (module docstring); None when
+    either has no note."""
+    a, b = (np.bincount(notes[:, 2] % 12, minlength=12).astype(np.float64) for notes in (notes_a, notes_b))
+    if not a.any() or not b.any():
+        return None
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def bar_cells(notes: np.ndarray, lines: np.ndarray, width: int) -> np.ndarray:
+    """bool [bars, width, 128]: the sounding cells (step-major) of each bar [lines[i], lines[i + 1]),
+    from its downbeat, padded with silence to width steps."""
+    cells = np.zeros((int(lines[-1]) + width, NUM_PITCHES), bool)
+    cells[: lines[-1]] = sounding_cells(notes, int(lines[-1]))
+    offsets = np.arange(width)
+    inside = offsets < np.diff(lines)[:, None]
+    return cells[lines[:-1, None] + offsets] & inside[..., None]
 
 
 def _shifted(bars: np.ndarray, max_shift: int) -> np.ndarray:
-    """bool [bars, 2 max_shift + 1, 16, 128]: each bar moved by -max_shift..max_shift
+    """bool [bars, 2 max_shift + 1, W, 128]: each bar moved by -max_shift..max_shift
     semitones, cells moved out of 0..127 dropped."""
     out = np.zeros((bars.shape[0], 2 * max_shift + 1) + bars.shape[1:], bool)
     for k, d in enumerate(range(-max_shift, max_shift + 1)):
@@ -378,8 +412,8 @@ def _shifted(bars: np.ndarray, max_shift: int) -> np.ndarray:
 
 
 def copying_check(
-    generated: Sequence[tuple[str, np.ndarray]],
-    train: Sequence[tuple[str, np.ndarray]],
+    generated: Sequence[tuple[str, midi.Score]],
+    train: Sequence[tuple[str, midi.Score]],
     threshold: float = 0.8,
     max_shift: int = 12,
     min_cells: int = 1,
@@ -389,21 +423,25 @@ def copying_check(
     """For each generated bar with at least min_cells sounding cells, its best IoU with
     any non-empty training bar under pitch shifts -max_shift..max_shift (see the module
     docstring), and the fraction of those bars with IoU >= threshold (near copies).
-    Inputs are (name, notes) pairs; bars are reported as (name, bar index)."""
-    gen_bars, gen_where = _bars(generated, min_cells)
-    train_packed, train_where = _bars(train, 1, packed=True)
+    Inputs are (name, Score) pairs, bars in each piece's meter; bars are reported as (name, bar
+    index)."""
+    gen_lines = [piece_bar_lines(s.notes, s.time_signatures) for _, s in generated]
+    train_lines = [piece_bar_lines(s.notes, s.time_signatures) for _, s in train]
+    width = int(max(np.diff(lines).max() for lines in gen_lines + train_lines))
+    gen_bars, gen_where = _bars(generated, gen_lines, width, min_cells)
+    train_packed, train_where = _bars(train, train_lines, width, 1, packed=True)
     if not len(train_packed):
         raise ValueError("the training set has no non-empty bar")
     train_bars = len(train_packed)
     train_packed, first = np.unique(train_packed, axis=0, return_index=True)
     train_where = [train_where[i] for i in first]
-    pitch_used = np.unpackbits(np.bitwise_or.reduce(train_packed, axis=0)).reshape(BAR_STEPS, -1).any(axis=0)
-    columns = np.flatnonzero(np.tile(pitch_used, BAR_STEPS))
+    pitch_used = np.unpackbits(np.bitwise_or.reduce(train_packed, axis=0)).reshape(width, -1).any(axis=0)
+    columns = np.flatnonzero(np.tile(pitch_used, width))
     shifts = 2 * max_shift + 1
     best_iou = np.zeros((len(gen_bars), shifts), np.float32)
     best_bar = np.zeros((len(gen_bars), shifts), np.int64)
     for g in range(0, len(gen_bars), gen_block):
-        rows = _shifted(gen_bars[g : g + gen_block], max_shift).reshape(-1, BAR_CELLS)
+        rows = _shifted(gen_bars[g : g + gen_block], max_shift).reshape(-1, width * NUM_PITCHES)
         row_size = rows.sum(axis=1, dtype=np.float32)
         rows = rows[:, columns].astype(np.float32)
         iou_rows = np.zeros(len(rows), np.float32)
@@ -440,11 +478,12 @@ def copying_check(
     ]
     near = int((iou >= threshold).sum())
     return {
-        "representation": "sounding cells, 16 steps x 128 pitches per bar",
+        "representation": f"sounding cells, {width} steps x 128 pitches per bar (each piece's meter, "
+        "shorter bars padded with silence)",
         "threshold": threshold,
         "max_shift": max_shift,
         "min_cells": min_cells,
-        "generated_bars": sum(num_bars(notes) for _, notes in generated),
+        "generated_bars": sum(len(lines) - 1 for lines in gen_lines),
         "checked_bars": len(gen_bars),
         "train_bars": train_bars,
         "distinct_train_bars": len(train_packed),
@@ -455,14 +494,18 @@ def copying_check(
     }
 
 
-def _bars(named_notes, min_cells: int, packed: bool = False):
+def _bars(named_scores, bar_lines, width: int, min_cells: int, packed: bool = False):
     """The bars with at least min_cells sounding cells of all files, stacked (bool
-    [bars, 16, 128], or bit-packed uint8 [bars, 256] to keep a large training set
+    [bars, width, 128], or bit-packed uint8 [bars, 16 width] to keep a large training set
     small), and (file index, bar index) of each."""
-    out = [np.zeros((0, BAR_CELLS // 8), np.uint8) if packed else np.zeros((0, BAR_STEPS, NUM_PITCHES), bool)]
+    out = [
+        np.zeros((0, width * NUM_PITCHES // 8), np.uint8)
+        if packed
+        else np.zeros((0, width, NUM_PITCHES), bool)
+    ]
     where = []
-    for i, (_, notes) in enumerate(named_notes):
-        bars = bar_cells(notes)
+    for i, ((_, score), lines) in enumerate(zip(named_scores, bar_lines)):
+        bars = bar_cells(score.notes, lines, width)
         keep = np.flatnonzero(bars.reshape(len(bars), -1).sum(axis=1) >= max(min_cells, 1))
         out.append(np.packbits(bars[keep].reshape(len(keep), -1), axis=1) if packed else bars[keep])
         where.extend((i, b) for b in keep.tolist())

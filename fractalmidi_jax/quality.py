@@ -2,9 +2,11 @@
 the sampler, then print one table (and write it as JSON).
 
     python -m fractalmidi_jax.quality --config configs/pop909_128.yaml --out outputs/quality \\
-        [--reference DIR] [--num_samples 256] [--width 128] [--num_iter_list 12 8 4 1] [flags...]
+        [--reference DIR] [--num_samples 256] [--width 128] [--temperature 1.0 0.9] [flags...]
 
-Any further flag is a training flag (config.py). `--reference` defaults to the config's
+Any further flag is a training flag (config.py); the samples use its num_iter_list. Each
+temperature gets its own samples and column in the table (the sampling temperature is tuned here,
+on val_data, never on a test set). `--reference` defaults to the config's
 val_data; the NLL is scored on it too (the original's estimator, evaluate nll). The sampling
 time is of 16 pieces of 128 x 512 with the trained model's architecture, as
 `python -m fractalmidi_jax.bench` measures it.
@@ -25,7 +27,9 @@ def main(argv=None) -> None:
     parser.add_argument("--num_samples", type=int, default=256)
     parser.add_argument("--batch_size", type=int, default=64, help="samples per sampler call")
     parser.add_argument("--width", type=int, default=0, help="sample width (default: crop_length)")
-    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument(
+        "--temperature", type=float, nargs="+", default=[], help="one or more (default: the config's)"
+    )
     parser.add_argument("--skip_training", action="store_true", help="judge the checkpoint already in --out")
     parser.add_argument("--no_timing", action="store_true", help="skip timing the 16 x 128 x 512 sampler")
     args, training_flags = parser.parse_known_args(argv)
@@ -39,46 +43,57 @@ def main(argv=None) -> None:
         trainer.train(config)
     train_minutes = (time.perf_counter() - started) / 60
     checkpoint = str(Path(config.output_dir) / "checkpoints" / "latest")
-    samples = Path(args.out) / "samples"
     width = args.width or config.crop_length
-    generated = generation.generate(
-        generation.build_parser().parse_args(
-            ["--checkpoint", checkpoint, "--num_samples", str(args.num_samples)]
-            + ["--batch_size", str(args.batch_size), "--target_width", str(width)]
-            + ["--num_iter_list", *map(str, config.num_iter_list), "--temperature", str(args.temperature)]
-            + ["--output_dir", str(samples)]
-        )
-    )
     reference = args.reference or trainer.resolve_data(config.val_data, "valid")
-    music = music_stats.compare(
-        music_stats.set_stats(*music_stats.load_notes(music_stats.midi_paths(samples))),
-        music_stats.set_stats(*music_stats.load_notes(music_stats.midi_paths(reference))),
-    )
+    real = music_stats.set_stats(*music_stats.load_scores(music_stats.midi_paths(reference)))
+    by_temperature = {}
+    for temperature in args.temperature or [config.temperature]:
+        samples = Path(args.out) / f"samples_t{temperature:g}"
+        generated = generation.generate(
+            generation.build_parser().parse_args(
+                ["--checkpoint", checkpoint, "--num_samples", str(args.num_samples)]
+                + ["--batch_size", str(args.batch_size), "--target_width", str(width)]
+                + ["--num_iter_list", *map(str, config.num_iter_list), "--temperature", str(temperature)]
+                + ["--output_dir", str(samples), "--reuse_output_dir"]
+            )
+        )
+        music = music_stats.compare(
+            music_stats.set_stats(*music_stats.load_scores(music_stats.midi_paths(samples))), real
+        )
+        by_temperature[temperature] = (music, generated)
     nll = evaluate.nll(checkpoint, reference, crop_length=width, cache_dir=config.cache_dir)
     timing = None if args.no_timing else bench.bench_sample(config, 16, 512, config.num_iter_list, 5)
 
-    gen, ref = music["sets"]["generated"], music["sets"]["reference"]
-    rows = [(name, gen["features"][name]["mean"], ref["features"][name]["mean"]) for name in SHOWN]
-    rows += [(name, gen["continuity"][name], ref["continuity"][name]) for name in gen["continuity"]]
     print(f"\n{config.roll} roll, levels {'/'.join(config.generator_types)}, rounds {config.num_iter_list}")
     print(f"training {train_minutes:.1f} min; {args.num_samples} samples of {width} steps vs {reference}")
-    print(f"{'statistic':28s} {'generated':>10s} {'real':>10s}")
-    for name, ours, real in rows:
-        print(f"{name:28s} {ours:10.3f} {real:10.3f}")
-    print(f"{'mean OA (11 features)':28s} {music['mean_oa']:10.3f}")
+    print(f"{'statistic':28s} " + " ".join(f"{f'T={t:g}':>10s}" for t in by_temperature) + f" {'real':>10s}")
+    sets = [music["sets"] for music, _ in by_temperature.values()]
+    rows = {}
+    for name in SHOWN + tuple(sets[0]["generated"]["continuity"]):
+        group = "features" if name in SHOWN else "continuity"
+        value = lambda stats: stats[group][name]["mean"] if group == "features" else stats[group][name]  # noqa: B023
+        ours = [value(s["generated"]) for s in sets]
+        real_value = value(sets[0]["reference"])
+        rows[name] = {"generated": dict(zip(map(str, by_temperature), ours)), "real": real_value}
+        print(f"{name:28s} " + " ".join(f"{x:10.3f}" for x in ours) + f" {real_value:10.3f}")
+    mean_oa = {str(t): music["mean_oa"] for t, (music, _) in by_temperature.items()}
+    print(f"{'mean OA (11 features)':28s} " + " ".join(f"{x:10.3f}" for x in mean_oa.values()))
     print(f"held-out NLL: {nll['nats_per_cell']:.4f} nats per cell, {nll['bits_per_note']:.2f} bits per note")
-    print(
-        f"sampling {args.batch_size} x 128 x {width}: {sorted(generated['seconds_per_batch'])[0]:.3f} s per batch"
-    )
+    fastest = min(min(generated["seconds_per_batch"]) for _, generated in by_temperature.values())
+    print(f"sampling {args.batch_size} x 128 x {width}: {fastest:.3f} s per batch")
     if timing:
         print(f"sampling 16 x 128 x 512: {timing['seconds']:.3f} s (compile {timing['compile_s']:.0f} s)")
     report = {
         "config": config.to_dict(),
         "train_minutes": train_minutes,
-        "generation_seconds_per_batch": generated["seconds_per_batch"],
-        "music": {name: {"generated": ours, "real": real} for name, ours, real in rows},
-        "mean_oa": music["mean_oa"],
-        "oa": {name: f["oa"] for name, f in music["features"].items()},
+        "generation_seconds_per_batch": {
+            str(t): g["seconds_per_batch"] for t, (_, g) in by_temperature.items()
+        },
+        "music": rows,
+        "mean_oa": mean_oa,
+        "oa": {
+            str(t): {n: f["oa"] for n, f in m["features"].items()} for t, (m, _) in by_temperature.items()
+        },
         "nll": {
             k: nll[k] for k in ("nats_per_cell", "bits_per_cell", "bits_per_note", "nats_per_cell_stderr")
         },

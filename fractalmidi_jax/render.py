@@ -9,10 +9,11 @@ the top row (pitch 127, above the piano's range) of every chunk after the first,
 silent cells only, so a note there still shows through the line.
 
 Colours: velocity like Logic Pro's piano roll (quiet = green, medium = yellow/orange,
-loud = red); silence is black. Faint lines at every C (pitch % 12 == 0) and every bar
-(step % bar_steps == 0, counted from the start of the roll; 16 = 4/4, 12 = 3/4) are drawn
-on silent cells only, so they never hide a note. PNG files (`save_png`) add axes: note names
-at every C on the left and bar numbers above each chunk.
+loud = red); silence is black. Faint lines at every C (pitch % 12 == 0) and every bar line
+are drawn on silent cells only, so they never hide a note. Bar lines are the steps the
+caller gives (`bar_lines`: `midi.bar_lines` of the piece's meter, so a 3/4 piece has one every
+12 steps), else every 16 steps from the start of the roll (4/4). PNG files (`save_png`) add
+axes: note names at every C on the left and bar numbers above each chunk.
 
 Audio (`save_wav`, `audio`): FluidSynth with a General MIDI sound font when both are
 installed; otherwise pretty_midi's own synthesiser (sine tones, numpy only), so there is
@@ -33,8 +34,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-CHUNK_STEPS = 256  # steps per stacked chunk: 16 bars of 16 sixteenths
-BAR_STEPS = 16
+from fractalmidi_jax import midi
+
+CHUNK_STEPS = 256  # steps per stacked chunk: 16 bars of 4/4
 OCTAVE = 12
 TILE_GAP = 4  # pixels between the tiles of grid_image
 
@@ -99,8 +101,15 @@ def _check_scale(scale: int) -> int:
     return int(scale)
 
 
-def roll_image(roll, scale: int = 2, bar_steps: int = BAR_STEPS) -> np.ndarray:
-    """uint8 [H, W, 3] picture of a [pitches, steps] velocity roll (layout in the module docstring).
+def _bar_lines(bar_lines, steps: int) -> np.ndarray:
+    """The given bar lines inside [0, steps), or 4/4's from step 0 when none are given."""
+    lines = midi.bar_lines((), steps) if bar_lines is None else np.asarray(bar_lines, np.int64)
+    return lines[(lines >= 0) & (lines < steps)]
+
+
+def roll_image(roll, scale: int = 2, bar_lines=None) -> np.ndarray:
+    """uint8 [H, W, 3] picture of a [pitches, steps] velocity roll (layout in the module docstring);
+    bar_lines: the steps where bars start (default: 4/4 from step 0).
 
     A P x W roll gives H = P * ceil(W / 256) and W' = min(W, 256), both times scale."""
     scale = _check_scale(scale)
@@ -108,7 +117,9 @@ def roll_image(roll, scale: int = 2, bar_steps: int = BAR_STEPS) -> np.ndarray:
     pitches, steps = cells.shape
     sounding = cells > 0
     rgb = VELOCITY_RGB[cells]
-    on_grid = (np.arange(pitches)[:, None] % OCTAVE == 0) | (np.arange(steps)[None, :] % bar_steps == 0)
+    on_bar_line = np.zeros(steps, bool)
+    on_bar_line[_bar_lines(bar_lines, steps)] = True
+    on_grid = (np.arange(pitches)[:, None] % OCTAVE == 0) | on_bar_line[None, :]
     rgb[on_grid & ~sounding] = _GRID_RGB
 
     chunks = -(-steps // CHUNK_STEPS)
@@ -131,11 +142,12 @@ def roll_image(roll, scale: int = 2, bar_steps: int = BAR_STEPS) -> np.ndarray:
     return np.repeat(np.repeat(image, scale, axis=0), scale, axis=1)
 
 
-def grid_image(rolls, columns: int | None = None, scale: int = 1) -> np.ndarray:
+def grid_image(rolls, columns: int | None = None, scale: int = 1, bar_lines=None) -> np.ndarray:
     """uint8 [H, W, 3]: a [B, pitches, steps] batch of rolls tiled row by row, TILE_GAP pixels apart.
 
     One picture per batch because TensorBoard shows one image per tag. columns defaults to
-    ceil(sqrt(B)); empty tiles of the last row are left in the gap colour."""
+    ceil(sqrt(B)); empty tiles of the last row are left in the gap colour. bar_lines: one
+    roll_image bar_lines per roll (default: 4/4 for all)."""
     rolls = np.asarray(rolls)
     if rolls.ndim != 3 or rolls.shape[0] == 0:
         raise ValueError(f"expected a non-empty [batch, pitches, steps] array, got shape {rolls.shape}")
@@ -145,7 +157,8 @@ def grid_image(rolls, columns: int | None = None, scale: int = 1) -> np.ndarray:
         raise ValueError(f"columns must be positive, got {columns}")
     columns = min(columns, count)
     rows = -(-count // columns)
-    tiles = [roll_image(roll, scale) for roll in rolls]
+    bar_lines = [None] * count if bar_lines is None else bar_lines
+    tiles = [roll_image(roll, scale, lines) for roll, lines in zip(rolls, bar_lines, strict=True)]
     height, width = tiles[0].shape[:2]
     image = np.empty(
         (rows * height + (rows - 1) * TILE_GAP, columns * width + (columns - 1) * TILE_GAP, 3), np.uint8
@@ -161,18 +174,21 @@ NOTE_AXIS_PIXELS = 30  # the note-name margin on the left of a PNG
 BAR_AXIS_PIXELS = 12  # the bar-number strip above each chunk of a PNG
 
 
-def labelled_image(roll, scale: int = 2, bar_steps: int = BAR_STEPS) -> Image.Image:
+def labelled_image(roll, scale: int = 2, bar_lines=None) -> Image.Image:
     """roll_image with axes a musician can read: C-1..C9 beside every C, and above each 256-step
-    chunk the number of every bar starting in it (every 2nd or 4th when bars are narrow)."""
-    picture = roll_image(roll, scale, bar_steps)
+    chunk the number of every bar starting in it (every 2nd or 4th when bars are narrow); bar
+    lines as in roll_image, numbered from 1."""
+    picture = roll_image(roll, scale, bar_lines)
     pitches, steps = _velocities(roll).shape
+    lines = _bar_lines(bar_lines, steps)
+    narrowest = int(np.diff(lines).min(initial=steps))
     chunk_rows, width = pitches * scale, picture.shape[1]
     chunks = picture.shape[0] // chunk_rows
     image = Image.new(
         "RGB", (NOTE_AXIS_PIXELS + width, chunks * (BAR_AXIS_PIXELS + chunk_rows)), (255, 255, 255)
     )
     draw, font = ImageDraw.Draw(image), ImageFont.load_default()
-    every = next(k for k in (1, 2, 4, 8, 16, 64) if k * bar_steps * scale >= 18)
+    every = next(k for k in (1, 2, 4, 8, 16, 64) if k * narrowest * scale >= 18)
     for chunk in range(chunks):
         top = chunk * (BAR_AXIS_PIXELS + chunk_rows) + BAR_AXIS_PIXELS
         image.paste(
@@ -181,20 +197,20 @@ def labelled_image(roll, scale: int = 2, bar_steps: int = BAR_STEPS) -> Image.Im
         for pitch in range(0, pitches, OCTAVE):
             y = top + (pitches - 1 - pitch) * scale
             draw.text((2, y - 5), f"C{pitch // OCTAVE - 1}", fill=(0, 0, 0), font=font)
-        first, last = chunk * CHUNK_STEPS, min(steps, (chunk + 1) * CHUNK_STEPS)
-        for bar in range(-(-first // bar_steps), -(-last // bar_steps)):
+        first = chunk * CHUNK_STEPS
+        for bar in np.flatnonzero((lines >= first) & (lines < first + CHUNK_STEPS)):
             if bar % every == 0:
-                x = NOTE_AXIS_PIXELS + (bar * bar_steps - first) * scale
+                x = NOTE_AXIS_PIXELS + int(lines[bar] - first) * scale
                 draw.text((x + 1, top - BAR_AXIS_PIXELS), str(bar + 1), fill=(0, 0, 0), font=font)
     return image
 
 
-def save_png(path, roll, scale: int = 2, bar_steps: int = BAR_STEPS) -> None:
-    """Write labelled_image(roll, scale, bar_steps) as a PNG file."""
-    labelled_image(roll, scale, bar_steps).save(path, format="PNG")
+def save_png(path, roll, scale: int = 2, bar_lines=None) -> None:
+    """Write labelled_image(roll, scale, bar_lines) as a PNG file."""
+    labelled_image(roll, scale, bar_lines).save(path, format="PNG")
 
 
-def save_gif(path, frames, duration_ms: int = 250, scale: int = 2, bar_steps: int = BAR_STEPS) -> None:
+def save_gif(path, frames, duration_ms: int = 250, scale: int = 2, bar_lines=None) -> None:
     """Write a [F, pitches, steps] sequence of rolls (e.g. generation steps) as a looping animated GIF.
 
     Each frame shows duration_ms, the last one 4x longer so the finished roll can be read.
@@ -203,7 +219,7 @@ def save_gif(path, frames, duration_ms: int = 250, scale: int = 2, bar_steps: in
     frames = np.asarray(frames)
     if frames.ndim != 3 or frames.shape[0] == 0:
         raise ValueError(f"expected a non-empty [frames, pitches, steps] array, got shape {frames.shape}")
-    images = [Image.fromarray(roll_image(frame, scale, bar_steps)) for frame in frames]
+    images = [Image.fromarray(roll_image(frame, scale, bar_lines)) for frame in frames]
     durations = [int(duration_ms)] * (len(images) - 1) + [4 * int(duration_ms)]
     images[0].save(path, format="GIF", save_all=True, append_images=images[1:], duration=durations, loop=0)
 

@@ -7,8 +7,9 @@ known, and returns the canvas filled. How is the level kind's own business (`gen
 mar.py and ar.py); this module recurses: a level asks `children` for the patches it draws, and
 the last level is the head, which draws one token per cell at `temperature`.
 Level 0 samples at the time offset training covered best (level.sampling_offsets).
-Known cells (continuation prompts, inpainting surroundings) are visible from the first round
-and copied through, so they come back bit-identical and the rest is conditioned on them.
+Known cells (continuation prompts, inpainting surroundings) are copied through, so they come
+back bit-identical, and the rest is conditioned on them: a level sees a wholly known patch from
+its first round, and with `partial_known` the known cells of a partly known one too (level.py).
 
 Per-bar conditions (conditions.py) add their vectors to level 0's columns; a model trained with
 them and given none samples with the null vectors (unconditional). Classifier-free guidance at
@@ -58,13 +59,15 @@ class _Sampler:
         cells = level.generate(self, k, grid, conds, cells, known, border, num_out, rng, col_offset)
         return grid_lib.unpatchify(cells, grid.rows, grid.cols, p)
 
-    def child_borders(self, k, cells_NxLxP, visible_NxL, border, grid, index_NxK):
+    def child_borders(self, k, cells_NxLxP, visible_NxL, border, grid, index_NxK, known_NxLxP=None):
         """The border columns of the patches `index_NxK` that level k is about to hand down, or
-        None when the level below takes none."""
+        None when the level below takes none; `known_NxLxP`: the known cells a hidden left
+        neighbour shows (partial_known)."""
         if not self.config.border_context or k == self.config.num_levels - 1:
             return None
         trunk = self.model.levels[k].trunk
-        return gather_borders(trunk.child_borders(cells_NxLxP, visible_NxL, border, grid), index_NxK)
+        borders = trunk.child_borders(cells_NxLxP, visible_NxL, border, grid, known_NxLxP)
+        return gather_borders(borders, index_NxK)
 
     def guide(self, logits_NxV):
         """Classifier-free guidance across the two vmapped runs; the logits as they are without."""

@@ -44,6 +44,7 @@ from fractalmidi_jax.writer import Writer
 ARCHITECTURE_FIELDS = (
     "roll",
     "border_context",
+    "partial_known",
     "img_size_list",
     "embed_dim_list",
     "num_blocks_list",
@@ -220,19 +221,20 @@ def validate(eval_step, params, batches, mesh, seed: int, limit: int) -> float:
     return total / cells
 
 
-def log_images(writer: Writer, step: int, config: Config, params, val_crops) -> None:
-    """Pictures of generated samples and validation crops (two pixels a cell, bar lines drawn),
-    and each generated sample's sound (FluidSynth if installed, else pretty_midi's synthesiser)."""
+def log_images(writer: Writer, step: int, config: Config, params, val_crops, val_bar_lines) -> None:
+    """Pictures of generated samples (4/4) and validation crops (their pieces' bar lines), two
+    pixels a cell, and each generated sample's sound (FluidSynth if installed, else pretty_midi's
+    synthesiser)."""
     run = sampler_lib.make_sampler(config, config.num_iter_list)
     cells, known = sampler_lib.unconditional_inputs(NUM_IMAGE_SAMPLES, config.crop_length)
-    rolls, _ = run(params, cells, known, jax.random.key(config.seed + step), jnp.float32(1.0))
+    rolls, _ = run(params, cells, known, jax.random.key(config.seed + step), jnp.float32(config.temperature))
     rolls = np.asarray(rolls)
-    pictures = lambda tokens: render.grid_image(
-        [roll_lib.velocity_cells(t, config.roll) for t in tokens], scale=IMAGE_SCALE
+    pictures = lambda tokens, bar_lines=None: render.grid_image(
+        [roll_lib.velocity_cells(t, config.roll) for t in tokens], scale=IMAGE_SCALE, bar_lines=bar_lines
     )
     writer.image(step, "samples/generated", pictures(rolls))
     if val_crops is not None:
-        writer.image(step, "samples/validation", pictures(val_crops[:NUM_IMAGE_SAMPLES]))
+        writer.image(step, "samples/validation", pictures(val_crops[:NUM_IMAGE_SAMPLES], val_bar_lines))
     with tempfile.TemporaryDirectory() as folder:
         for k, roll in enumerate(rolls):
             path = Path(folder) / f"sample_{k}.mid"
@@ -318,11 +320,16 @@ def _train(config: Config, output_dir: Path) -> Path:
 
     train_step = steps.make_train_step(graphdef, config, mesh)
     eval_step = steps.make_eval_step(graphdef, config, mesh)
-    val_crops, val_batches = None, []
+    val_crops, val_bar_lines, val_batches = None, None, []
     if val_library is not None:
-        val_crops = data.fixed_crops(
+        val_starts = data.fixed_crop_starts(
             val_library, config.crop_length, config.val_crops_per_file, config.seed, config.crop_alignment
         )
+        val_crops = data.crops_at(val_library, val_starts, config.crop_length)
+        val_bar_lines = [
+            data.bar_lines_in_crop(val_library, k, s, config.crop_length)
+            for k, s in val_starts[:NUM_IMAGE_SAMPLES]
+        ]
         val_batches = data.eval_batches(
             val_crops, config.val_batch_size * num_devices, jax.process_index(), jax.process_count()
         )
@@ -409,7 +416,7 @@ def _train(config: Config, output_dir: Path) -> Path:
                     status_line.newline()
                     log(f"validation at step {opt_step}: loss {val_loss:.4f} nats per cell")
                 if due(config.log_images_every_n_steps):
-                    log_images(writer, opt_step, config, steps.eval_params(state), val_crops)
+                    log_images(writer, opt_step, config, steps.eval_params(state), val_crops, val_bar_lines)
                 if checkpoint_due:
                     save(step)
                 if stop_reason:

@@ -259,7 +259,7 @@ def test_crop_spec_is_validated():
     for bad in (
         dict(crop_length=130),
         dict(crop_length=0),
-        dict(crop_length=16, crop_alignment=0),
+        dict(crop_length=16, crop_alignment=-1),
         dict(crop_length=16, augment_factor=0),
         dict(crop_length=16, pitch_shift_min=2, pitch_shift_max=1),
     ):

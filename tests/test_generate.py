@@ -278,3 +278,26 @@ def test_evaluate_nll_is_reproducible_and_consistent(folder, checkpoint, tmp_pat
     assert "nats per cell" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="no checkpoint"):
         evaluate.main(["nll", "--checkpoint", str(tmp_path / "nothing"), "--data", str(folder / "songs")])
+
+
+def test_evaluate_prompts_measures_how_generation_follows_its_context(folder, checkpoint, tmp_path, capsys):
+    """`python -m fractalmidi_jax.evaluate prompts`: continuation from a prompt that ends inside a bar
+    and inpainting inside pitch bounds, on fixed crops; similarities of the model's samples, of
+    unconditional ones and of the real music, each a cosine in [0, 1] over the pairs with notes on
+    both sides; the JSON carries them."""
+    from fractalmidi_jax import evaluate
+
+    flags = ["--width", WIDTH, "--crops", 3, "--samples_per_crop", BATCH, "--prompt_steps", 10]
+    flags += ["--mask_start", 8, "--mask_end", 24, "--mask_pitch_low", 30, "--mask_pitch_high", 110]
+    out = tmp_path / "prompts.json"
+    argv = ["prompts", "--checkpoint", checkpoint, "--data", folder / "songs", "--out", out]
+    evaluate.main([str(a) for a in argv + ["--cache_dir", folder / "cache"] + flags])
+    printed = capsys.readouterr().out
+    assert "continuation from 10 steps" in printed and "inpainting 8..24 x 30..110" in printed
+    result = json.loads(out.read_text())
+    assert result["crops"] == 3 and result["continuation"]["prompt_steps"] == 10
+    for mode in ("continuation", "inpainting"):
+        pairs = result[mode]["pairs"]
+        assert 0 < pairs["model"] <= 3 * BATCH and 0 < pairs["real"] <= 3
+        for name in ("model", "unconditional", "real"):
+            assert 0.0 <= result[mode][name] <= 1.0

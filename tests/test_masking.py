@@ -120,3 +120,24 @@ def test_cosine_schedule(num_tokens, num_iter):
 def test_cosine_schedule_with_more_rounds_than_tokens(num_tokens, num_iter):
     """More rounds than tokens: one token per round, L rounds, nothing lost or duplicated."""
     assert masking.cosine_schedule(num_tokens, num_iter) == (1,) * num_tokens
+
+
+def test_train_known_cells_are_prompts_and_inpainting_surroundings():
+    """About half the samples are given nothing; every other one is given all but one rectangle of
+    steps x pitches, as continuation and inpainting give: a region to the roll's end about half the
+    time, all pitches about half the time, regions starting at every step."""
+    batch, height, width = 4000, 128, 32
+    known = np.asarray(masking.train_known_cells(jax.random.key(0), batch, height, width))
+    given = known.any(axis=(1, 2))
+    assert abs(given.mean() - masking.KNOWN_REGION_SHARE) < 0.03
+    to_write = ~known[given]
+    steps, pitches = to_write.any(axis=1), to_write.any(axis=2)  # samples x W, samples x H
+    rectangle = pitches[:, :, None] & steps[:, None, :]
+    np.testing.assert_array_equal(to_write, rectangle)
+    for spans in (steps, pitches):  # one run of steps, one band of pitches
+        assert (np.diff(spans.astype(np.int8), axis=1) == 1).sum(axis=1).max() <= 1
+        assert (np.diff(spans.astype(np.int8), axis=1) == -1).sum(axis=1).max() <= 1
+    to_the_end = 0.5 + 0.5 * np.mean(1 / (width - np.arange(width)))  # a span may end there too
+    assert abs(steps[:, -1].mean() - to_the_end) < 0.04
+    assert abs(pitches.all(axis=1).mean() - 0.5) < 0.04
+    assert set(np.argmax(steps, axis=1)) == set(range(width))

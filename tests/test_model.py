@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 from tiny import TINY, tiny
 
+from fractalmidi_jax import masking
 from fractalmidi_jax import roll as roll_lib
 from fractalmidi_jax import sampler as sampler_lib
 from fractalmidi_jax.ar import ARLevel
@@ -61,6 +62,8 @@ def losses_fn(graphdef, config, train=True):
         (("ar", "ar", "ar"), "column_major", 20),
         (("mar", "ar", "ar"), "column_major", 32),
         (("ar", "mar", "mar"), "row_major", 16),
+        (("mar", "column", "column"), "row_major", 20),
+        (("column", "column", "ar"), "row_major", 32),
     ],
 )
 def test_loss_at_init_is_log_classes_per_reached_cell(types, scan_order, width):
@@ -234,30 +237,108 @@ def test_all_ar_loss_sees_context_before_its_targets_only(scan_order):
 # --- MAR masking ---
 
 
+def perturbed_parts(cells, known, rs):
+    """Variants of cells N x L x P: the original, then for each token t its known cells changed, then
+    its other cells changed (variant 1 + 2 t + part)."""
+    num_tokens = cells.shape[1]
+    variants = np.repeat(cells[None], 2 * num_tokens + 1, axis=0)
+    for t in range(num_tokens):
+        for part, where in enumerate((known[:, t], ~known[:, t])):
+            changed = (cells[:, t] + rs.integers(1, 128, cells[:, t].shape)) % 128
+            variants[1 + 2 * t + part, :, t] = np.where(where, changed, cells[:, t])
+    return variants
+
+
+def changed_by_part(outputs, num_tokens):
+    """[token, part]: did changing that part of that token change any output?"""
+    outputs = np.asarray(outputs)
+    return (outputs[1:] != outputs[:1]).reshape(num_tokens, 2, -1).any(axis=2)
+
+
+@pytest.mark.parametrize("partial_known", [False, True])
 @pytest.mark.parametrize("level", [0, 1])
-def test_mar_hidden_cells_do_not_leak(level):
-    """MARLevel.predict replaces hidden tokens by the mask token: changing a hidden token's cells leaves
-    every output bit-identical, changing a visible one changes the outputs."""
-    config = tiny(border_context=False)
+def test_mar_hidden_cells_do_not_leak(level, partial_known):
+    """MARLevel.predict replaces hidden tokens by the mask token: changing a visible token's cells
+    changes the outputs; changing a hidden token's cells that are not known leaves every output
+    bit-identical. A hidden token's known cells (half of each token's here) change the outputs with
+    partial_known, and nothing without it (a partly known patch is then unseen until generated)."""
+    config = tiny(border_context=False, partial_known=partial_known)
     mar = MARLevel(config, level, nnx.Rngs(params=level))
     rs = np.random.default_rng(level)
     num_tokens, cells_per_token = (16, 256) if level == 0 else (16, 16)
     conds = None if level == 0 else jnp.asarray(rs.normal(size=(1, 5, 32)), jnp.float32)
     cells = rs.integers(0, 128, (1, num_tokens, cells_per_token)).astype(np.int32)
+    known = rs.random(cells.shape) < 0.5
     hidden = np.arange(num_tokens) % 3 == 0
-    variants = np.repeat(cells[None], num_tokens + 1, axis=0)
-    for t in range(num_tokens):
-        variants[t + 1, :, t] = (cells[:, t] + rs.integers(1, 128, cells[:, t].shape)) % 128
     graphdef, params = nnx.split(mar)
 
     @jax.jit
     def outputs(variants):
         level = nnx.merge(graphdef, params)
-        return jax.vmap(lambda c: level.predict(c, jnp.asarray(hidden)[None], conds))(variants)
+        predict = lambda c: level.predict(c, jnp.asarray(hidden)[None], conds, known_NxLxP=jnp.asarray(known))
+        return jax.vmap(predict)(variants)
 
-    h = np.asarray(outputs(jnp.asarray(variants)))
-    changed = (h[1:] != h[:1]).reshape(num_tokens, -1).any(axis=1)
-    np.testing.assert_array_equal(changed, ~hidden)
+    changed = changed_by_part(outputs(jnp.asarray(perturbed_parts(cells, known, rs))), num_tokens)
+    np.testing.assert_array_equal(changed[:, 0], ~hidden | partial_known)
+    np.testing.assert_array_equal(changed[:, 1], ~hidden)
+
+
+@pytest.mark.parametrize("scan_order", ["row_major", "column_major"])
+def test_ar_output_sees_the_known_cells_of_its_own_patch(scan_order):
+    """With partial_known, the output predicting patch i also sees the known cells of patch i (and
+    still nothing else of it, nor any later patch's): changing patch j's known cells changes the
+    outputs at scan positions j and later, its other cells only the later ones."""
+    config = tiny(
+        generator_types=("ar", "ar", "ar"), scan_order=scan_order, border_context=False, partial_known=True
+    )
+    ar = ARLevel(config, 1, nnx.Rngs(params=1))
+    rs = np.random.default_rng(1)
+    conds = jnp.asarray(rs.normal(size=(2, 5, 32)), jnp.float32)
+    cells = rs.integers(0, 128, (2, 16, 16)).astype(np.int32)
+    known = rs.random(cells.shape) < 0.5
+    graphdef, params = nnx.split(ar)
+    scan = ar.scan(16)
+
+    @jax.jit
+    def outputs(variants):
+        level = nnx.merge(graphdef, params)
+        forced = lambda c: level.teacher_forced(c, conds, known_NxLxP=jnp.asarray(known))[:, scan]
+        return jax.vmap(forced)(variants)
+
+    h = np.asarray(outputs(jnp.asarray(perturbed_parts(cells, known, rs))))
+    changed = (h[1:] != h[:1]).reshape(16, 2, 2, 16, -1).any(axis=(2, 4))[scan]  # [j, part, i] in scan order
+    np.testing.assert_array_equal(changed[:, 0], np.triu(np.ones((16, 16), bool)))
+    np.testing.assert_array_equal(changed[:, 1], np.triu(np.ones((16, 16), bool), k=1))
+
+
+@pytest.mark.parametrize("partial_known", [False, True])
+def test_partial_masks_do_not_score_known_cells(monkeypatch, partial_known):
+    """With partial_known, training gives some samples the cells outside a region to write (here fixed:
+    steps 10.. x pitches 60..84, a prompt that ends inside a bar and pitch bounds); known cells are
+    inputs, not targets. With a head whose loss depends on the target only, changing every known cell
+    leaves the loss bit-identical, and changing the cells to write changes it; without the flag every
+    cell is a target."""
+    to_write = np.zeros((1, 128, 32), bool)
+    to_write[:, 60:85, 10:] = True
+    monkeypatch.setattr(masking, "train_known_cells", lambda rng, b, h, w: jnp.asarray(~to_write))
+    config = tiny(generator_types=("mar", "mar", "ar"), partial_known=partial_known)
+    model = build_model(config)
+    model.head.codebook[...] = jnp.zeros_like(model.head.codebook[...])
+    model.head.bias[...] = jax.random.normal(jax.random.key(2), (NUM_CLASSES,)) * 3
+    graphdef, params = nnx.split(model)
+    roll = random_roll(6, 1, 32, density=0.3)
+    changed = (roll.astype(int) + np.random.default_rng(7).integers(1, 128, roll.shape)) % 128
+    rolls = np.stack([roll, np.where(to_write, roll, changed), np.where(to_write, changed, roll)])
+
+    @jax.jit
+    def losses(params, key):
+        model = nnx.merge(graphdef, params)
+        return jax.vmap(lambda r: fractal_loss(model, config, r, key, True)[0])(jnp.asarray(rolls))
+
+    for key in keys(3):
+        loss, known_changed, to_write_changed = np.asarray(losses(params, key))
+        assert (known_changed == loss) == partial_known
+        assert to_write_changed != loss
 
 
 # --- unbiasedness of the budgeted loss ---

@@ -105,7 +105,7 @@ def make_set(tmp_path, name, seed, files=12, density=0.3, low=40, high=80):
     paths = [
         write(tmp_path / name / f"{i}.mid", random_song(rng, 16, density, low, high)) for i in range(files)
     ]
-    return music_stats.set_stats(*music_stats.load_notes(paths))
+    return music_stats.set_stats(*music_stats.load_scores(paths))
 
 
 def test_set_with_itself_has_full_overlap(tmp_path):
@@ -145,8 +145,8 @@ def test_bootstrap_intervals_contain_the_point_estimate(tmp_path):
 def test_bootstrap_mean_of_pooled_values(tmp_path):
     songs = music_stats.set_stats(
         [
-            ("q", midi.read_score(write(tmp_path / "q.mid", QUARTERS)).notes),
-            ("t", midi.read_score(write(tmp_path / "t.mid", TRIAD)).notes),
+            ("q", midi.read_score(write(tmp_path / "q.mid", QUARTERS))),
+            ("t", midi.read_score(write(tmp_path / "t.mid", TRIAD))),
         ]
     )
     summary = music_stats.compare(songs, songs, bootstrap=50)["sets"]["generated"]["features"]
@@ -166,12 +166,12 @@ PATTERN = [(0, 4, 48), (0, 8, 60), (4, 6, 64), (6, 8, 67), (8, 16, 55), (10, 12,
 def test_copying_check_finds_a_shifted_copy(tmp_path):
     filler = bar_notes([(0, 16, 30), (2, 3, 100)])
     train = [
-        ("song", midi.read_score(write(tmp_path / "train.mid", filler + bar_notes(PATTERN, 0, 1))).notes),
-        ("other", midi.read_score(write(tmp_path / "other.mid", bar_notes([(0, 2, 40), (8, 10, 41)]))).notes),
+        ("song", midi.read_score(write(tmp_path / "train.mid", filler + bar_notes(PATTERN, 0, 1)))),
+        ("other", midi.read_score(write(tmp_path / "other.mid", bar_notes([(0, 2, 40), (8, 10, 41)])))),
     ]
     unrelated = [(0, 1, 90), (3, 5, 91), (5, 7, 35), (9, 13, 86), (14, 16, 88)]
     generated_notes = bar_notes(unrelated) + bar_notes(PATTERN, 5, 1) + bar_notes(PATTERN[:-1], 0, 3)
-    generated = [("gen", midi.read_score(write(tmp_path / "gen.mid", generated_notes)).notes)]
+    generated = [("gen", midi.read_score(write(tmp_path / "gen.mid", generated_notes)))]
 
     result = music_stats.copying_check(generated, train, threshold=0.8)
     by_bar = {b["bar"]: b for b in result["bars"]}
@@ -188,13 +188,13 @@ def test_copying_check_finds_a_shifted_copy(tmp_path):
 
 
 def test_copying_check_min_cells_and_shift_range(tmp_path):
-    train = [("t", midi.read_score(write(tmp_path / "t.mid", bar_notes(PATTERN))).notes)]
+    train = [("t", midi.read_score(write(tmp_path / "t.mid", bar_notes(PATTERN))))]
     far = [
         (
             "g",
             midi.read_score(
                 write(tmp_path / "g.mid", bar_notes(PATTERN, 20) + bar_notes([(0, 1, 60)], 0, 1))
-            ).notes,
+            ),
         )
     ]
     result = music_stats.copying_check(far, train, max_shift=12, min_cells=2)
@@ -220,7 +220,7 @@ def test_unreadable_files_are_skipped_with_a_reason(tmp_path):
     good = write(tmp_path / "good.mid", QUARTERS)
     bad = tmp_path / "bad.mid"
     bad.write_bytes(b"MThd\x00\x00")
-    loaded, skipped = music_stats.load_notes([good, bad])
+    loaded, skipped = music_stats.load_scores([good, bad])
     assert [name for name, _ in loaded] == [str(good)]
     assert skipped[0][0] == str(bad) and "\n" not in skipped[0][1] and skipped[0][1]
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fractalmidi_jax import render
+from fractalmidi_jax import midi, render
 from fractalmidi_jax.midi import write_midi
 from fractalmidi_jax.render import AudioUnavailable, grid_image, roll_image, save_gif, save_png, save_wav
 
@@ -107,9 +107,10 @@ def test_png_reads_back_with_axes(tmp_path):
 
 
 def test_bar_lines_follow_the_meter():
-    """bar_steps=12 (3/4) draws bar lines every 12 steps instead of 16."""
+    """The bar lines of 3/4 (midi.bar_lines) are drawn every 12 steps instead of 16."""
     columns = lambda image: {x for x in range(64) if (image[127 - 70, x] == render._GRID_RGB).all()}
-    assert columns(roll_image(empty(64), scale=1, bar_steps=12)) == {0, 12, 24, 36, 48, 60}
+    waltz = midi.bar_lines([(0, 3, 4)], 64)
+    assert columns(roll_image(empty(64), scale=1, bar_lines=waltz)) == {0, 12, 24, 36, 48, 60}
     assert columns(roll_image(empty(64), scale=1)) == {0, 16, 32, 48}
 
 

@@ -14,7 +14,7 @@ from fractalmidi_jax import masking
 from fractalmidi_jax import roll as roll_lib
 from fractalmidi_jax import sampler as sampler_lib
 from fractalmidi_jax.ar import ARLevel
-from fractalmidi_jax.fractal import build_model
+from fractalmidi_jax.fractal import build_model, fractal_loss
 
 NUM_ITER = (2, 2, 2, 1)
 BATCH, WIDTH = 2, 32
@@ -56,12 +56,20 @@ def prompt_inputs(seed, steps=16):
 # --- the AR KV cache ---
 
 
-@pytest.mark.parametrize("scan_order", ["row_major", "column_major"])
-@pytest.mark.parametrize("level", [0, 1])
-def test_ar_cached_decoding_matches_teacher_forcing(scan_order, level):
+@pytest.mark.parametrize(
+    "scan_order, level, partial_known",
+    [(o, k, False) for o in ("row_major", "column_major") for k in (0, 1)] + [("row_major", 1, True)],
+)
+def test_ar_cached_decoding_matches_teacher_forcing(scan_order, level, partial_known):
     """Prefill, then decode one patch at a time (feeding the true patches in scan order) over the KV
-    cache gives the outputs of teacher forcing on the whole sequence."""
-    config = tiny(generator_types=("ar", "ar", "ar"), scan_order=scan_order, border_context=False)
+    cache gives the outputs of teacher forcing on the whole sequence; with partial_known also when
+    each step shows the known cells of the patch it predicts."""
+    config = tiny(
+        generator_types=("ar", "ar", "ar"),
+        scan_order=scan_order,
+        border_context=False,
+        partial_known=partial_known,
+    )
     ar = ARLevel(config, level, nnx.Rngs(params=level))
     rs = np.random.default_rng(level)
     if level == 0:
@@ -70,19 +78,81 @@ def test_ar_cached_decoding_matches_teacher_forcing(scan_order, level):
         num_tokens, cells_per_token = 16, 16
         conds = jnp.asarray(rs.normal(size=(2, 5, 32)), jnp.float32)
     cells = jnp.asarray(rs.integers(0, 128, (2, num_tokens, cells_per_token)), jnp.int32)
+    known = jnp.asarray(rs.random(cells.shape) < 0.5)
     graphdef, params = nnx.split(ar)
     scan = ar.scan(num_tokens)
+    scan_j = jnp.asarray(scan)
 
-    forced = jax.jit(lambda p: nnx.merge(graphdef, p).teacher_forced(cells, conds))(params)
-    prefill = jax.jit(lambda p: nnx.merge(graphdef, p).prefill(conds, None, 2, num_tokens))
-    decode = jax.jit(lambda p, caches, x, i, g: nnx.merge(graphdef, p).decode(caches, x, i, g, num_tokens))
+    def shown(level, i):
+        """The known cells of scan[i], as the step predicting it shows them (partial_known)."""
+        if not partial_known:
+            return None
+        return level.trunk.embed_known(cells[:, scan_j[i]][:, None], known[:, scan_j[i]][:, None])[:, 0]
+
+    @jax.jit
+    def forced(params):
+        return nnx.merge(graphdef, params).teacher_forced(cells, conds, known_NxLxP=known)
+
+    @jax.jit
+    def prefill(params):
+        level = nnx.merge(graphdef, params)
+        return level.prefill(conds, None, 2, num_tokens, shown(level, 0))
+
+    @jax.jit
+    def decode(params, caches, i):
+        level = nnx.merge(graphdef, params)
+        fed = scan_j[i - 1]
+        return level.decode(caches, cells[:, fed], i, fed, num_tokens, shown_NxD=shown(level, i))
+
     h, caches = prefill(params)
     cached = [None] * num_tokens
     cached[scan[0]] = h
     for i in range(1, num_tokens):
-        h, caches = decode(params, caches, cells[:, scan[i - 1]], i, scan[i - 1])
+        h, caches = decode(params, caches, i)
         cached[scan[i]] = h
-    np.testing.assert_allclose(np.stack(cached, axis=1), forced, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.stack(cached, axis=1), forced(params), rtol=1e-4, atol=1e-5)
+
+
+# --- the sampler's conditionals are the loss's ---
+
+
+class ScoringSampler(sampler_lib._Sampler):
+    """A sampler whose head scores the known cell it is handed instead of drawing one: run on a
+    canvas that is all known, it adds up log p(cell | what the sampler showed the model)."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.log_likelihood = []
+
+    def children(self, k, conds_NxKxOxD, cells_NxKxP, known_NxKxP, borders, rng):
+        if k < self.config.num_levels - 1:
+            return super().children(k, conds_NxKxOxD, cells_NxKxP, known_NxKxP, borders, rng)
+        logits = self.model.head.logits(conds_NxKxOxD.reshape((-1,) + conds_NxKxOxD.shape[2:])[:, 0])
+        cells_N = cells_NxKxP.reshape(-1)
+        scores = jnp.take_along_axis(jax.nn.log_softmax(logits), cells_N[:, None], axis=1)
+        jax.debug.callback(lambda total: self.log_likelihood.append(float(total)), jnp.sum(scores))
+        return cells_NxKxP
+
+
+@pytest.mark.parametrize(
+    "types", [("column", "column", "ar"), ("ar", "column", "column"), ("ar", "ar", "ar")], ids="/".join
+)
+def test_sampler_conditionals_equal_the_loss(types):
+    """For levels that see their past whole (AR and column), the sampler's conditionals are the
+    loss's: the log-likelihood of a roll summed through the sampler (every cell known, scored by the
+    head where it would be drawn, border columns included) equals minus the loss times the cells
+    reached, with every token handed down. A border, position or hand-off that differed between
+    training and sampling would move it."""
+    config = tiny(generator_types=types, token_budget=1.0, max_crop_length=WIDTH)
+    model = build_model(config)
+    model.head.codebook[...] = model.head.codebook[...] * 30  # conditions then move the scores
+    rs = np.random.default_rng(0)
+    tokens = rs.integers(1, NUM_CLASSES, (BATCH, 128, WIDTH))
+    rolls = jnp.asarray(np.where(rs.random(tokens.shape) < 0.2, tokens, 0), jnp.int32)
+    scoring = ScoringSampler(model, config, NUM_ITER, ONE)
+    scoring.level(0, None, rolls, jnp.ones(rolls.shape, bool), None, jax.random.key(0))
+    loss, stats = fractal_loss(model, config, rolls, jax.random.key(1), train=False)
+    np.testing.assert_allclose(sum(scoring.log_likelihood), -loss * stats["reached_cells"], rtol=1e-5)
 
 
 # --- unconditional sampling ---
@@ -187,12 +257,31 @@ def test_mar_first_round_reads_the_prompt():
     assert (first_a[:, :, 16:] != first_b[:, :, 16:]).any(axis=(1, 2)).all()
 
 
-def test_inpainting_changes_only_the_region_and_reads_its_surroundings():
+@pytest.mark.parametrize("partial_known", [False, True])
+def test_first_round_reads_a_prompt_that_ends_inside_a_bar(partial_known):
+    """Mixed MAR / AR levels: an 8-step prompt leaves level 0's first bar partly known. With the same key (the same tokens
+    drawn first), the second bar's patches drawn in round one differ between two prompts with
+    partial_known, and are identical without it (a partly known bar is unseen until generated); the
+    prompt comes back bit-identical either way."""
+    run, params = sampler_for(tiny(generator_types=("mar", "ar", "ar"), partial_known=partial_known))
+    key = jax.random.key(4)
+    first_frames = []
+    for seed in (5, 6):
+        cells, known = prompt_inputs(seed, steps=8)
+        rolls, frames = run(params, cells, known, key, ONE)
+        np.testing.assert_array_equal(np.asarray(rolls)[:, :, :8], cells[:, :, :8])
+        first_frames.append(np.asarray(frames[0]))
+    second_bar_differs = (first_frames[0][:, :, 16:] != first_frames[1][:, :, 16:]).any(axis=(1, 2))
+    np.testing.assert_array_equal(second_bar_differs, [partial_known] * BATCH)
+
+
+@pytest.mark.parametrize("partial_known", [False, True])
+def test_inpainting_changes_only_the_region_and_reads_its_surroundings(partial_known):
     """Mixed MAR / AR levels: cells outside the region (which cuts through patches at every level) come
     back bit-identical; the region is generated: with the same key, a level-0 patch that lies wholly
     inside it differs between two different surroundings (level 0 reads them rather than the sampler
     pasting them over an unconditional sample)."""
-    config = tiny(generator_types=("mar", "ar", "ar"))
+    config = tiny(generator_types=("mar", "ar", "ar"), partial_known=partial_known)
     run, params = sampler_for(config)
     region = np.zeros((BATCH, 128, WIDTH), bool)
     region[:, 41:80, 5:32] = True  # holds the level-0 patch of pitches 48..63, steps 16..31
