@@ -1,6 +1,7 @@
 """Control and length, measured: how well a model trained with conditions follows the chords and
-density asked of it, whether whole pieces hold together across their window seams, and how a
-continuation follows a prompt that ends inside a bar. Prints three tables and writes them as JSON.
+density asked of it, and whether whole pieces hold together across their window seams. Prints two
+tables and writes them as JSON. (How continuation follows a prompt that ends inside a bar is
+`python -m fractalmidi_jax.evaluate prompts`.)
 
     python -m fractalmidi_jax.control --checkpoint C --data pop909/valid --out control.json
 
@@ -15,10 +16,6 @@ continuation follows a prompt that ends inside a bar. Prints three tables and wr
    written in windows of the model's width; the mean OA of each 8-bar window of the piece against
    --data; and per-bar statistics of the seam bars (the first bar each window after the first
    writes) against all other bars (their mean and spread).
-3. Continuation: the first --prompt_steps of each crop kept (default: half the width less half a
-   bar, so inside a bar), no condition given; pitch-class similarity of the generated part to the
-   prompt (cosine of their sounding cells per pitch class; a silent part counts 0), next to the
-   unconditional samples' same steps and the crop's real continuation.
 """
 
 import json
@@ -31,13 +28,13 @@ import numpy as np
 
 from fractalmidi_jax import checkpoint as ckpt
 from fractalmidi_jax import conditions as conditions_lib
-from fractalmidi_jax import data, generation, music_stats
+from fractalmidi_jax import data, generation, midi, music_stats
 from fractalmidi_jax import library as rolls_lib
 from fractalmidi_jax import roll as roll_lib
 from fractalmidi_jax.cli import Parser
 from fractalmidi_jax.conditions import BAR_STEPS
 
-UNCONDITIONAL_STREAM, CONTINUATION_STREAM = 0, 1  # key streams: conditioned rows share the first
+UNCONDITIONAL_STREAM = 0  # the key stream of every control row: they differ only in what is asked
 
 
 def build_parser() -> Parser:
@@ -51,7 +48,6 @@ def build_parser() -> Parser:
     add("--piece_bars", type=int, default=64, help="bars of each whole piece")
     add("--num_pieces", type=int, default=16, help="whole pieces to write")
     add("--piece_chords", default="", help='chords of the whole pieces, e.g. "C G Am F" (default: none)')
-    add("--prompt_steps", type=int, default=0, help="continuation prompt (default: inside a bar)")
     add("--batch_size", type=int, default=32, help="samples per sampler call")
     add("--num_iter_list", type=int, nargs="+", help="rounds per level (default: the checkpoint's)")
     add("--temperature", type=float, help="the head's sampling temperature (default: the model's)")
@@ -81,12 +77,19 @@ def pearson(x, y) -> float | None:
     return float(np.corrcoef(x, y)[0, 1])
 
 
+def score_of(notes, num_steps: int) -> midi.Score:
+    """A generated roll's notes as a Score in 4/4 (as generate.py writes them)."""
+    return midi.Score(
+        notes=notes, num_steps=num_steps, seconds=0.0, tempo_bpm=120.0, resolution=4, capped=False
+    )
+
+
 def mean_oa(
     rolls_NxPxW, kind: str, reference: music_stats.SetStats, bootstrap: int, seed: int
 ) -> float | None:
     """Mean OA of the rolls' notes against the reference set (`evaluate music`)."""
-    named = [(f"sample_{i}", roll_lib.roll_to_notes(roll, kind)) for i, roll in enumerate(rolls_NxPxW)]
-    named = [(name, notes) for name, notes in named if len(notes)]
+    scores = [score_of(roll_lib.roll_to_notes(roll, kind), roll.shape[-1]) for roll in rolls_NxPxW]
+    named = [(f"sample_{i}", score) for i, score in enumerate(scores) if len(score.notes)]
     if not named:
         return None
     return music_stats.compare(music_stats.set_stats(named), reference, bootstrap, seed)["mean_oa"]
@@ -137,14 +140,6 @@ def seam_report(pieces_NxPxT, window_starts, window: int, kind: str) -> dict:
     return report
 
 
-def pitch_class_similarity(prompt_NxPxA, generated_NxPxB) -> float:
-    """Mean cosine of the two parts' sounding cells per pitch class, over samples whose prompt sounds."""
-    profile = lambda x: np.asarray(conditions_lib.pitch_classes((x > 0).sum(axis=2)), np.float64)
-    prompt, generated = profile(prompt_NxPxA), profile(generated_NxPxB)
-    sounding = prompt.sum(axis=1) > 0
-    return float(cosine(prompt, generated)[sounding].mean())
-
-
 def measure(args) -> dict:
     model = generation.Generator(args.checkpoint)
     config, kind = model.config, model.config.roll
@@ -155,15 +150,12 @@ def measure(args) -> dict:
         )
     width = config.crop_length
     num_iter = tuple(args.num_iter_list or config.num_iter_list)
-    prompt_steps = args.prompt_steps or width // 2 - BAR_STEPS // 2
-    if not 0 < prompt_steps < width:
-        raise generation.GenerationError(f"--prompt_steps {prompt_steps} must be between 1 and {width - 1}")
     library = rolls_lib.RollLibrary(args.data, kind=kind, cache_dir=args.cache_dir or None)
     per_file = -(-args.num_crops // len(library))
     crops = data.fixed_crops(library, width, per_file, args.seed, config.crop_alignment)
     picked = np.sort(np.random.default_rng(args.seed).permutation(len(crops))[: args.num_crops])
     crops = crops[picked]
-    reference = music_stats.set_stats(*music_stats.load_notes(music_stats.midi_paths(args.data)))
+    reference = music_stats.set_stats(*music_stats.load_scores(music_stats.midi_paths(args.data)))
     key = jax.random.key(args.seed)
 
     def sample(cells, known, features, given, cfg, stream):
@@ -226,16 +218,6 @@ def measure(args) -> dict:
         "seams": seam_report(pieces.rolls_NxPxW, pieces.window_starts, width, kind),
     }
 
-    known = np.zeros(crops.shape, bool)
-    known[:, :, :prompt_steps] = True
-    continued = sample(np.where(known, crops, 0).astype(np.uint8), known, *nothing, 1.0, CONTINUATION_STREAM)
-    prompt = crops[:, :, :prompt_steps]
-    continuation = {
-        "prompt_steps": prompt_steps,
-        "continuation": pitch_class_similarity(prompt, continued[:, :, prompt_steps:]),
-        "unconditional": pitch_class_similarity(prompt, unconditional[:, :, prompt_steps:]),
-        "real continuation": pitch_class_similarity(prompt, crops[:, :, prompt_steps:]),
-    }
     return {
         "checkpoint": str(model.path),
         "data": str(args.data),
@@ -246,7 +228,6 @@ def measure(args) -> dict:
         "seed": args.seed,
         "control": control,
         "piece": piece,
-        "continuation": continuation,
     }
 
 
@@ -268,10 +249,6 @@ def print_report(report: dict) -> None:
         if name != "seam_bars":
             other = f"{row['other_mean']:.3f} +- {row['other_std']:.3f}"
             print(f"{name:30s} {row['seam_mean']:10.3f} {other:>16s}")
-    continuation = report["continuation"]
-    print(f"\npitch-class similarity to a prompt of {continuation['prompt_steps']} steps (inside a bar)")
-    for name in ("continuation", "unconditional", "real continuation"):
-        print(f"{name:18s} {continuation[name]:.3f}")
 
 
 def main(argv=None) -> None:

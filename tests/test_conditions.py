@@ -271,5 +271,4 @@ def test_control_measurement_runs_and_writes_its_numbers(folder, model, tmp_path
     for row in report["control"].values():
         assert -1.0 <= row["chroma_cosine"] <= 1.0
     assert len(report["piece"]["mean_oa_per_8_bar_window"]) == 1 and report["piece"]["seams"]["seam_bars"]
-    assert report["continuation"]["prompt_steps"] == 8
     assert "chroma cos" in capsys.readouterr().out
