@@ -17,6 +17,7 @@ for this run, and a fresh run into a folder that already has checkpoints is refu
 --overwrite. `main` turns every such refusal into one line and exit code 2.
 """
 
+import contextlib
 import math
 import os
 import shutil
@@ -375,7 +376,9 @@ def _train(config: Config, output_dir: Path) -> Path:
         try:
             while step < micro_steps:
                 batch = sharding.global_batch(mesh, next(loader))
-                state, metrics = train_step(state, batch["roll"], key)
+                compiling = progress.status("compiling the training step") if step == start_step else None
+                with compiling or contextlib.nullcontext():
+                    state, metrics = train_step(state, batch["roll"], key)
                 pending.append(metrics)
                 step += 1
                 done = step == micro_steps
