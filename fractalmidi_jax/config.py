@@ -54,12 +54,7 @@ class Config:
     embed_dim_list: tuple[int, ...] = (512, 256, 128, 64)  # transformer width per level
     num_blocks_list: tuple[int, ...] = (12, 3, 2, 1)  # transformer blocks per level
     num_heads_list: tuple[int, ...] = (8, 4, 2, 2)  # attention heads per level
-    generator_types: tuple[str, ...] = (
-        "mar",
-        "column",
-        "column",
-        "column",
-    )  # mar, ar or column (see fractal.py)
+    generator_types: tuple[str, ...] = ("mar", "column", "column", "column")  # per level: mar, ar, column
     scan_order: str = "row_major"  # AR order: row_major (pitch band by band) or column_major (bar by bar)
     mask_ratio_loc: float = 1.0  # MAR mask ratio ~ truncated normal(loc, scale) on [loc - 4 scale, loc]
     mask_ratio_scale: float = 0.5  # see mask_ratio_loc
@@ -100,9 +95,7 @@ class Config:
     checkpoint_every_n_steps: int = 5000  # checkpoint period (also saved at the end and on SIGINT/SIGTERM)
     log_images_every_n_steps: int = 5000  # piano-roll images of samples and validation crops (0 = off)
     num_iter_list: tuple[int, ...] = (12, 8, 4, 1)  # MAR rounds per level for samples made during training
-    temperature: float = (
-        0.97  # sampling temperature of the cell head, generate.py's default (tuned on POP909 valid)
-    )
+    temperature: float = 0.97  # the head's sampling temperature, generate.py's default (tuned on valid)
     save_top_k: int = 3  # checkpoints kept, best by validation loss (plus the latest)
     max_train_minutes: float = 0.0  # stop (saving a checkpoint) after this many minutes (0 = no limit)
     resume_from_checkpoint: str = ""  # checkpoint folder, or <output_dir>/checkpoints/latest|best

@@ -58,7 +58,7 @@ def test_generate_returns_pretty_midi_and_matches_the_command_line(model, tmp_pa
             "--num_samples",
             "2",
         ]
-        + ["--seed", "1", "--num_iter_list", "2", "2", "2", "1"]
+        + ["--seed", "1", "--num_iter_list", "2", "2", "2", "1", "--temperature", "1.0"]
     )
     for k, (song, roll) in enumerate(zip(songs, rolls)):
         song.write(str(tmp_path / f"api_{k}.mid"))

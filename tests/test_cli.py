@@ -55,7 +55,7 @@ def test_train_help_is_the_schema():
         in flat
     )
     assert "--precision {32,16,bf16}" in flat and "--scan_order {row_major,column_major}" in flat
-    assert "--generator_types {mar,ar}" in flat and "(default: mar mar ar ar)" in flat
+    assert "--generator_types {mar,ar,column}" in flat and "(default: mar column column column)" in flat
     assert "--roll {note,velocity}" in flat
     assert "(default: on; --no_cache_in_memory turns it off)" in flat
     assert set(config.field_help()) == set(config.Config.__dataclass_fields__)
