@@ -97,9 +97,10 @@ def test_unconditional_writes_midi_pictures_and_report(checkpoint, tmp_path, rol
             assert gif.size == (2 * WIDTH, 2 * 128) and gif.n_frames == 2  # one per level-0 round
 
 
-def test_continuation_keeps_the_prompt_and_follows_it(folder, checkpoint, tmp_path, rolls):
-    """Continuation: the first prompt_steps of the output are the prompt file's, cell for cell,
-    and the rest depends on the prompt (same seed, another prompt: other music)."""
+def test_continuation_keeps_the_prompt(folder, checkpoint, tmp_path, rolls):
+    """Continuation: the first prompt_steps of the output are the prompt file's, cell for cell.
+    That the rest depends on the prompt is test_sampler's (with amplified weights: after two
+    training steps a prompt moves the near-uniform head too little to change a draw)."""
     prompts = [folder / "songs" / "song_0.mid", folder / "songs" / "song_1.mid"]
     outputs = []
     for k, prompt in enumerate(prompts):
@@ -112,7 +113,6 @@ def test_continuation_keeps_the_prompt_and_follows_it(folder, checkpoint, tmp_pa
     for prompt_roll, generated in zip(first, outputs):
         for roll in generated:
             np.testing.assert_array_equal(roll[:, :16], prompt_roll)
-    assert any(not np.array_equal(a[:, 16:], b[:, 16:]) for a, b in zip(*outputs))
 
 
 def test_inpainting_changes_only_the_region(folder, checkpoint, tmp_path, rolls):

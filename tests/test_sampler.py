@@ -226,8 +226,12 @@ def test_sampling_is_reproducible_without_recompiling():
 
 @pytest.mark.parametrize(
     "config",
-    [TINY, TINY.replace(generator_types=("ar", "mar", "ar"), scan_order="column_major")],
-    ids=["mar_level0", "ar_column_major_level0"],
+    [
+        TINY,
+        TINY.replace(generator_types=("ar", "mar", "ar"), scan_order="column_major"),
+        TINY.replace(generator_types=("mar", "column", "column")),
+    ],
+    ids=["mar_level0", "ar_column_major_level0", "column_levels"],
 )
 def test_continuation_keeps_the_prompt_and_depends_on_it(config):
     """The first 16 steps (known) come back bit-identical, silent cells included; with the same key, two
