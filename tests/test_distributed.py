@@ -2,25 +2,19 @@
 halves of a global batch and agree with a single process training on the whole batch."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
-from tiny import tiny_training
+from tiny import run_two_processes, tiny_training
 
 from fractalmidi_jax import sharding, steps
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIG = tiny_training()  # test_train.py's settings, so that the single-process program is shared
 GLOBAL_BATCH = CONFIG.train_batch_size
 NUM_STEPS = 2  # the first update has learning rate 0 (warmup); the second moves the weights
-TIMEOUT_S = 300
 
 pytestmark = pytest.mark.usefixtures("compilation_cache")
 
@@ -81,12 +75,6 @@ def run_steps(mesh, local_rows: np.ndarray, state: dict) -> tuple[list[float], l
     return losses, [np.asarray(x.addressable_data(0)) for x in jax.tree.leaves(state["params"])]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_train_like_one(tmp_path):
     """Two processes (2 CPU devices each) started with JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES
     and JAX_PROCESS_ID form one 4-device mesh, each feeds its half of the batch, and both end
@@ -95,39 +83,13 @@ def test_two_processes_train_like_one(tmp_path):
     np.savez(tmp_path / "initial.npz", *jax.tree.leaves(initial))
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    address = f"127.0.0.1:{free_port()}"
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f]
-    flags += [
-        "--xla_force_host_platform_device_count=2",
-        "--xla_cpu_use_fusion_emitters=false",
-    ]  # 3x faster compile
-    processes = []
-    for index in range(2):
-        env = dict(
-            os.environ,
-            JAX_PLATFORMS="cpu",
-            XLA_FLAGS=" ".join(flags),
-            JAX_COORDINATOR_ADDRESS=address,
-            JAX_NUM_PROCESSES="2",
-            JAX_PROCESS_ID=str(index),
-            JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
-        )
-        command = [sys.executable, str(script), str(Path(__file__).parent), str(tmp_path)]
-        processes.append(
-            subprocess.Popen(
-                command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-            )
-        )
-    outputs = []
-    try:
-        for process in processes:
-            outputs.append(process.communicate(timeout=TIMEOUT_S)[0])
-    finally:
-        for process in processes:
-            process.kill()
+    codes, outputs = run_two_processes(
+        [str(script), str(Path(__file__).parent), str(tmp_path)],
+        xla_flags=["--xla_cpu_use_fusion_emitters=false"],  # 3x faster compile
+    )
     results = []
-    for process, output in zip(processes, outputs):
-        assert process.returncode == 0, output[-3000:]
+    for code, output in zip(codes, outputs):
+        assert code == 0, output[-3000:]
         (line,) = [line for line in output.splitlines() if line.startswith("RESULT ")]
         results.append(json.loads(line.removeprefix("RESULT ")))
     assert [r["process"] for r in results] == [0, 1]

@@ -2,25 +2,18 @@
 model; a SIGTERM reaches only process 1, and both stop at the same step and save one checkpoint
 (each used to decide alone, so one stopped and saved while the other waited in a collective)."""
 
-import os
-import signal
-import socket
 import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
-from tiny import tiny_training, write_song
+from tiny import run_two_processes, tiny_training, write_song
 
 from fractalmidi_jax import checkpoint as ckpt
 from fractalmidi_jax import library as rolls
 from fractalmidi_jax import midi
 from fractalmidi_jax.config import save_yaml
 
-REPO = Path(__file__).resolve().parents[1]
 STOP_STEP = 3
-TIMEOUT_S = 300
 
 pytestmark = pytest.mark.usefixtures("compilation_cache")
 
@@ -49,12 +42,6 @@ WORKER = textwrap.dedent(
 )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_a_signal_to_one_process_stops_all_at_one_step(tmp_path, compilation_cache):
     for k in range(4):
         write_song(tmp_path / "songs" / f"song_{k}.mid", seed=k)
@@ -72,41 +59,18 @@ def test_a_signal_to_one_process_stops_all_at_one_step(tmp_path, compilation_cac
     )  # warm the roll cache
     save_yaml(config, tmp_path / "config.yaml")
     (tmp_path / "worker.py").write_text(WORKER)
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f]
-    flags.append("--xla_force_host_platform_device_count=2")
-    address = f"127.0.0.1:{free_port()}"
-    processes = []
-    for index in range(2):
-        env = dict(
-            os.environ,
-            JAX_PLATFORMS="cpu",
-            XLA_FLAGS=" ".join(flags),
-            JAX_COORDINATOR_ADDRESS=address,
-            JAX_NUM_PROCESSES="2",
-            JAX_PROCESS_ID=str(index),
-            JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
-            JAX_COMPILATION_CACHE_DIR=str(compilation_cache),
-            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        )
-        command = [sys.executable, str(tmp_path / "worker.py"), str(tmp_path / "config.yaml"), str(STOP_STEP)]
-        processes.append(
-            subprocess.Popen(
-                command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-            )
-        )
-    outputs = []
     try:
-        for process in processes:
-            outputs.append(process.communicate(timeout=TIMEOUT_S)[0])
+        codes, outputs = run_two_processes(
+            [str(tmp_path / "worker.py"), str(tmp_path / "config.yaml"), str(STOP_STEP)],
+            dict(
+                JAX_COMPILATION_CACHE_DIR=str(compilation_cache),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+            ),
+        )
     except subprocess.TimeoutExpired:
-        for process in processes:
-            process.send_signal(signal.SIGKILL)
         pytest.fail("the processes did not stop together (one waited for the other)")
-    finally:
-        for process in processes:
-            process.kill()
-    for index, (process, output) in enumerate(zip(processes, outputs)):
-        assert process.returncode == 0, output[-3000:]
+    for index, (code, output) in enumerate(zip(codes, outputs)):
+        assert code == 0, output[-3000:]
         assert f"process {index} done" in output
     assert f"stopping at step {STOP_STEP}: another process is stopping" in outputs[0], outputs[0][-3000:]
     (only,) = ckpt.list_checkpoints(tmp_path / "out" / "checkpoints")

@@ -6,7 +6,11 @@ test_distributed.py share their compiled programs through the persistent compila
 while everything that shapes the program (batch, widths, schedule, dtypes) is the same.
 """
 
+import os
 import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +20,8 @@ from fractalmidi_jax import data, trainer
 from fractalmidi_jax.config import Config
 
 REAL_LOADER = data.Loader
+REPO = Path(__file__).resolve().parents[1]
+TWO_PROCESS_TIMEOUT_S = 300
 
 TINY = Config(
     img_size_list=(128, 16, 4, 1),
@@ -116,3 +122,44 @@ def untrained_checkpoint(folder: Path, **changes) -> Path:
     path = manager.save(0, steps.init_state(config)[1], None, {"config": config.to_dict()})
     manager.close()
     return path
+
+
+def run_two_processes(
+    args: list[str], extra_env: dict | None = None, xla_flags=()
+) -> tuple[list[int], list[str]]:
+    """Runs `python args...` from the repository as processes 0 and 1 of one JAX job (2 CPU
+    devices each, gloo collectives, a fresh coordinator port); returns (return codes, outputs).
+    Both are killed when they end or after TWO_PROCESS_TIMEOUT_S (subprocess.TimeoutExpired)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f]
+    flags += ["--xla_force_host_platform_device_count=2", *xla_flags]
+    processes = []
+    for index in range(2):
+        env = dict(
+            os.environ,
+            JAX_PLATFORMS="cpu",
+            XLA_FLAGS=" ".join(flags),
+            JAX_COORDINATOR_ADDRESS=address,
+            JAX_NUM_PROCESSES="2",
+            JAX_PROCESS_ID=str(index),
+            JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+            **(extra_env or {}),
+        )
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, *args],
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    try:
+        outputs = [process.communicate(timeout=TWO_PROCESS_TIMEOUT_S)[0] for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
+    return [process.returncode for process in processes], outputs
