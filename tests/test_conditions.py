@@ -2,8 +2,6 @@
 from a roll, the condition path at level 0, classifier-free guidance in the sampler, windows and
 their seams, refusals, the API and generate.py, and the control measurement (CPU, tiny models)."""
 
-import contextlib
-import io
 import json
 
 import jax
@@ -11,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from tiny import tiny, tiny_training, untrained_checkpoint, write_song
+from tiny import generation_error, tiny, tiny_training, untrained_checkpoint, write_song
 
 import fractalmidi_jax
 from fractalmidi_jax import conditions as conditions_lib
@@ -42,15 +40,6 @@ def folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model(folder):
     return fractalmidi_jax.load(folder / "conditional" / "checkpoints" / "latest")
-
-
-def error_of(*argv) -> str:
-    """What generation.main writes to stderr before it exits with code 2."""
-    stderr = io.StringIO()
-    with pytest.raises(SystemExit) as stopped, contextlib.redirect_stderr(stderr):
-        generation.main([str(a) for a in argv])
-    assert stopped.value.code == 2
-    return stderr.getvalue().strip()
 
 
 # --- reading what a user asks for ---
@@ -245,11 +234,13 @@ def test_generate_writes_whole_pieces_and_records_the_conditions(model, tmp_path
 def test_bad_requests_get_one_line(folder, model, tmp_path):
     unconditional = folder / "unconditional" / "checkpoints" / "latest"
     common = ["--output_dir", tmp_path, "--num_iter_list", 2, 2, 2, 1]
-    assert "trained without conditions" in error_of("--checkpoint", unconditional, "--chords", "C G", *common)
-    assert "trained without them" in error_of("--checkpoint", unconditional, "--cfg", 2, *common)
-    message = error_of("--checkpoint", model.path, "--chords", "C", "Hm", *common)
+    assert "trained without conditions" in generation_error(
+        "--checkpoint", unconditional, "--chords", "C G", *common
+    )
+    assert "trained without them" in generation_error("--checkpoint", unconditional, "--cfg", 2, *common)
+    message = generation_error("--checkpoint", model.path, "--chords", "C", "Hm", *common)
     assert message.startswith("error: unknown chord 'Hm'") and "\n" not in message
-    assert "inpainting" in error_of(
+    assert "inpainting" in generation_error(
         "--checkpoint", model.path, "--mode", "inpainting", "--num_bars", 4, *common
     )
     with pytest.raises(TypeError, match="chord"):

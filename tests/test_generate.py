@@ -1,14 +1,12 @@
 """generate.py's modes, outputs and errors, with a checkpoint of a tiny 2-step training run (CPU)."""
 
-import contextlib
-import io
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
-from tiny import TINY, tiny_run, write_song
+from tiny import TINY, generation_error, tiny_run, write_song
 
 from fractalmidi_jax import data, generation, midi, render
 from fractalmidi_jax import roll as roll_lib
@@ -61,15 +59,6 @@ def generate(checkpoint, out, *flags) -> dict:
     argv += ["--batch_size", BATCH]
     generation.main([str(a) for a in [*argv, *flags]])
     return json.loads((out / "generation.json").read_text())
-
-
-def error_of(*argv) -> str:
-    """What generation.main writes to stderr before it exits with code 2."""
-    stderr = io.StringIO()
-    with pytest.raises(SystemExit) as stopped, contextlib.redirect_stderr(stderr):
-        generation.main([str(a) for a in argv])
-    assert stopped.value.code == 2
-    return stderr.getvalue().strip()
 
 
 def test_unconditional_writes_midi_pictures_and_report(checkpoint, tmp_path, rolls, capsys):
@@ -179,7 +168,7 @@ def test_same_seed_same_music(checkpoint, tmp_path, rolls):
 
 def test_missing_checkpoint(tmp_path):
     """A path with no checkpoint stops with a message naming it."""
-    message = error_of("--checkpoint", tmp_path / "nowhere", "--output_dir", tmp_path / "out")
+    message = generation_error("--checkpoint", tmp_path / "nowhere", "--output_dir", tmp_path / "out")
     assert message.startswith(f"error: no checkpoint at {tmp_path / 'nowhere'}")
     assert not (tmp_path / "out").exists()
 
@@ -191,7 +180,7 @@ def test_unreadable_input_midi(checkpoint, tmp_path, mode):
     junk.write_bytes(np.random.default_rng(0).bytes(300))
     flag = "--prompt_midi" if mode == "continuation" else "--input_midi"
     flags = ["--mode", mode, flag, junk, "--prompt_steps", 8, "--mask_start", 0, "--mask_end", 8]
-    message = error_of("--checkpoint", checkpoint, *flags)
+    message = generation_error("--checkpoint", checkpoint, *flags)
     assert message.startswith(f"error: cannot read {junk}: ")
 
 
@@ -202,7 +191,7 @@ def test_mask_outside_the_input(folder, checkpoint, tmp_path, num_steps, mask, l
     """An inpainting region past the end of the input (or of the canvas), or empty, is refused."""
     source = write_song(tmp_path / "input.mid", seed=5, num_steps=num_steps)
     flags = ["--mode", "inpainting", "--input_midi", source, "--mask_start", mask[0], "--mask_end", mask[1]]
-    message = error_of("--checkpoint", checkpoint, *flags)
+    message = generation_error("--checkpoint", checkpoint, *flags)
     assert message.startswith(f"error: mask [{mask[0]}, {mask[1]}) is outside the input")
     assert f"within [0, {length}) steps" in message
 
@@ -210,7 +199,7 @@ def test_mask_outside_the_input(folder, checkpoint, tmp_path, num_steps, mask, l
 @pytest.mark.parametrize("width", [30, -4, 1024])
 def test_bad_target_width(checkpoint, width):
     """A width that is not a positive multiple of 4 up to max_crop_length is refused."""
-    message = error_of("--checkpoint", checkpoint, "--target_width", width)
+    message = generation_error("--checkpoint", checkpoint, "--target_width", width)
     assert message.startswith(
         f"error: --target_width {width}: this model generates widths that are multiples of 4"
     )

@@ -6,6 +6,8 @@ test_distributed.py share their compiled programs through the persistent compila
 while everything that shapes the program (batch, widths, schedule, dtypes) is the same.
 """
 
+import contextlib
+import io
 import os
 import signal
 import socket
@@ -15,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import pretty_midi
+import pytest
 
-from fractalmidi_jax import data, trainer
+from fractalmidi_jax import data, generation, trainer
 from fractalmidi_jax.config import Config
 
 REAL_LOADER = data.Loader
@@ -163,3 +166,12 @@ def run_two_processes(
         for process in processes:
             process.kill()
     return [process.returncode for process in processes], outputs
+
+
+def generation_error(*argv) -> str:
+    """What generation.main writes to stderr before it exits with code 2."""
+    stderr = io.StringIO()
+    with pytest.raises(SystemExit) as stopped, contextlib.redirect_stderr(stderr):
+        generation.main([str(a) for a in argv])
+    assert stopped.value.code == 2
+    return stderr.getvalue().strip()
