@@ -21,7 +21,6 @@ import numpy as np
 from flax import nnx
 
 from fractalmidi_jax import grid as grid_lib
-from fractalmidi_jax import masking
 from fractalmidi_jax.config import Config
 from fractalmidi_jax.level import LevelTrunk, causal_mask
 
@@ -76,14 +75,12 @@ class ARLevel(nnx.Module):
         known_NxLxP=None,
     ):
         """A random budget of the patches hands down; every patch is visible to its children."""
-        n, num_tokens, _ = cells_NxLxP.shape
         h_NxLxD = self.teacher_forced(
             cells_NxLxP, conds_NxCxE, border, col_offset_N, dropout_rng, known_NxLxP
         )
-        index_NxK = masking.random_orders(order_rng, n, num_tokens)[:, :budget]
-        grid = self.trunk.grid(num_tokens // self.trunk.rows)
-        conds = self.trunk.handoff(h_NxLxD, index_NxK, grid, self.handoff_neighbours, num_out)
-        return index_NxK, masking.budget_weights(count_N, budget), conds, jnp.ones((n, num_tokens), bool)
+        return self.trunk.hand_down_a_random_budget(
+            h_NxLxD, count_N, budget, self.handoff_neighbours, num_out, order_rng
+        )
 
     def cache_length(self, num_tokens: int) -> int:
         return self.trunk.num_conds + num_tokens - 1

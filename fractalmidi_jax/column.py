@@ -26,7 +26,6 @@ import numpy as np
 from flax import nnx
 
 from fractalmidi_jax import grid as grid_lib
-from fractalmidi_jax import masking
 from fractalmidi_jax.ar import ARLevel
 from fractalmidi_jax.config import Config
 from fractalmidi_jax.layers import embedding_init
@@ -89,14 +88,10 @@ class ColumnLevel(nnx.Module):
         known_NxLxP=None,
     ):
         """A random budget of the patches hands down; every patch is visible to its children."""
-        n, num_tokens, _ = cells_NxLxP.shape
         h_NxTxD = self.predict(cells_NxLxP, conds_NxCxE, border, col_offset_N, dropout_rng, known_NxLxP)
-        index_NxK = masking.random_orders(order_rng, n, num_tokens)[:, :budget]
-        grid = self.trunk.grid(num_tokens // self.trunk.rows)
-        conds = self.trunk.handoff(
-            h_NxTxD, index_NxK, grid, self.handoff_neighbours, num_out, offset=self.trunk.num_conds
+        return self.trunk.hand_down_a_random_budget(
+            h_NxTxD, count_N, budget, self.handoff_neighbours, num_out, order_rng, self.trunk.num_conds
         )
-        return index_NxK, masking.budget_weights(count_N, budget), conds, jnp.ones((n, num_tokens), bool)
 
     def generate(self, sampler, k, grid, conds, cells, known, border, num_out, rng, col_offset_N=None):
         """Draws the canvas column by column; `sampler.children` fills each column's patches."""

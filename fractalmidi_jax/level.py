@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 from fractalmidi_jax import grid as grid_lib
+from fractalmidi_jax import masking
 from fractalmidi_jax import roll as roll_lib
 from fractalmidi_jax.config import Config
 from fractalmidi_jax.layers import Transformer, dense, embedding_init
@@ -160,6 +161,17 @@ class LevelTrunk(nnx.Module):
         flat_index = jnp.maximum(source_NxKxO, 0).reshape(n, k * o) + offset
         conds = grid_lib.gather_tokens(h_NxTxD, flat_index).reshape(n, k, o, -1)
         return jnp.where((source_NxKxO >= 0)[..., None], conds, 0).astype(conds.dtype)
+
+    def hand_down_a_random_budget(self, h_NxTxD, count_N, budget, neighbours, num_out, order_rng, offset=0):
+        """`train`'s results for a level that predicts every patch (AR, column): a random budget
+        of the patches hands down, weighted as masking.budget_weights says, and every patch is
+        visible to its children. Token t's output is h[:, offset + t]."""
+        n, num_tokens = count_N.shape[0], h_NxTxD.shape[1] - offset
+        index_NxK = masking.random_orders(order_rng, n, num_tokens)[:, :budget]
+        conds = self.handoff(
+            h_NxTxD, index_NxK, self.grid(num_tokens // self.rows), neighbours, num_out, offset
+        )
+        return index_NxK, masking.budget_weights(count_N, budget), conds, jnp.ones((n, num_tokens), bool)
 
     def child_borders(
         self, cells_NxLxP, visible_NxL, border: Border | None, grid: grid_lib.Grid, known_NxLxP=None
