@@ -49,7 +49,8 @@ from fractalmidi_jax.mar import MARLevel
 
 # A level kind: a module with train / counts / generate (see mar.py); generator_types names them.
 LEVEL_KINDS = {"mar": MARLevel, "ar": ARLevel, "column": ColumnLevel}
-CONDITION_STREAM = 7  # the loss's key folded with this draws which conditions a sample keeps
+# The loss's key folded with these draws the known cells (partial_known) and the kept conditions.
+KNOWN_STREAM, CONDITION_STREAM = 1, 7
 
 
 class FractalModel(nnx.Module):
@@ -127,7 +128,7 @@ def fractal_loss(model: FractalModel, config: Config, roll_BxHxW, rng, train: bo
     cells_BxHxW = jnp.pad(roll_BxHxW.astype(jnp.int32), ((0, 0), (0, 0), (0, full_width - width)))
     in_roll = jnp.broadcast_to(jnp.arange(full_width) < width, (batch, height, full_width))
     if train and config.partial_known:
-        known = masking.train_known_cells(jax.random.fold_in(rng, 1), batch, height, width)
+        known = masking.train_known_cells(jax.random.fold_in(rng, KNOWN_STREAM), batch, height, width)
     else:
         known = jnp.zeros((batch, height, width), bool)
     known = jnp.pad(known, ((0, 0), (0, 0), (0, full_width - width)))
