@@ -70,10 +70,8 @@ def main(argv=None) -> None:
     sets = [music["sets"] for music, _ in by_temperature.values()]
     rows = {}
     for name in SHOWN + tuple(sets[0]["generated"]["continuity"]):
-        group = "features" if name in SHOWN else "continuity"
-        value = lambda stats: stats[group][name]["mean"] if group == "features" else stats[group][name]  # noqa: B023
-        ours = [value(s["generated"]) for s in sets]
-        real_value = value(sets[0]["reference"])
+        ours = [statistic(s["generated"], name) for s in sets]
+        real_value = statistic(sets[0]["reference"], name)
         rows[name] = {"generated": dict(zip(map(str, by_temperature), ours)), "real": real_value}
         print(f"{name:28s} " + " ".join(f"{x:10.3f}" for x in ours) + f" {real_value:10.3f}")
     mean_oa = {str(t): music["mean_oa"] for t, (music, _) in by_temperature.items()}
@@ -100,6 +98,11 @@ def main(argv=None) -> None:
         "sample_16x128x512_seconds": timing and timing["seconds"],
     }
     (Path(args.out) / "quality.json").write_text(json.dumps(report, indent=1))
+
+
+def statistic(set_summary: dict, name: str) -> float:
+    """A feature's mean (SHOWN) or a continuity statistic of one set of `music_stats.compare`."""
+    return set_summary["features"][name]["mean"] if name in SHOWN else set_summary["continuity"][name]
 
 
 SHOWN = ("notes_per_bar", "note_length", "pitch_range", "ioi", "polyphony", "sounding_share")
