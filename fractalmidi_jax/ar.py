@@ -50,8 +50,7 @@ class ARLevel(nnx.Module):
         inputs = inputs + trunk.positions(jnp.asarray(scan_L[:-1]), cols, col_offset_N)
         x = jnp.concatenate([trunk.cond_tokens(conds_NxCxE, n, border), inputs], axis=1)
         if trunk.partial_known:
-            known = jnp.zeros(cells_NxLxP.shape, bool) if known_NxLxP is None else known_NxLxP
-            shown_NxLxD = trunk.embed_known(cells_NxLxP[:, scan_L], known[:, scan_L])
+            shown_NxLxD = trunk.embed_known(cells_NxLxP, known_NxLxP)[:, scan_L]
             x = x.at[:, trunk.num_conds - 1 :].add(shown_NxLxD.astype(x.dtype))
         h, _ = trunk.transformer(x, mask=causal_mask(x.shape[1]), rng=rng)
         h_scan = h[:, trunk.num_conds - 1 :]

@@ -68,8 +68,7 @@ class ColumnLevel(nnx.Module):
         tokens = jnp.concatenate([start, tokens], axis=2).reshape(n, num_tokens, -1)
         tokens = tokens + trunk.positions(jnp.arange(num_tokens), cols, col_offset_N)
         if trunk.partial_known:
-            known = jnp.zeros(cells_NxLxP.shape, bool) if known_NxLxP is None else known_NxLxP
-            tokens = tokens + trunk.embed_known(cells_NxLxP, known).astype(tokens.dtype)
+            tokens = tokens + trunk.embed_known(cells_NxLxP, known_NxLxP).astype(tokens.dtype)
         x = jnp.concatenate([trunk.cond_tokens(conds_NxCxE, n, border), tokens], axis=1)
         mask = column_mask(trunk.num_conds, trunk.rows, cols)
         return trunk.transformer(x, mask=mask, rng=rng)[0]

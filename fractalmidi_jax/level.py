@@ -127,8 +127,10 @@ class LevelTrunk(nnx.Module):
         features = roll_lib.cell_features(jnp.where(known, cells, 0), self.roll, self.dtype)
         return jnp.concatenate([features, known[..., None].astype(self.dtype)], axis=-1)
 
-    def embed_known(self, cells_NxLxP, known_NxLxP):
-        """N x L x D: what a hidden patch shows of itself (partial_known), its known cells."""
+    def embed_known(self, cells_NxLxP, known_NxLxP=None):
+        """N x L x D: what a hidden patch shows of itself (partial_known), its known cells (None:
+        none known)."""
+        known_NxLxP = jnp.zeros(cells_NxLxP.shape, bool) if known_NxLxP is None else known_NxLxP
         features = self.known_features(cells_NxLxP, known_NxLxP)
         return self.known_embed(features.reshape(cells_NxLxP.shape[:-1] + (-1,)))
 

@@ -44,8 +44,7 @@ class MARLevel(nnx.Module):
         tokens = trunk.embed_patches(cells_NxLxP)
         hidden_tokens = self.mask_token[...].astype(tokens.dtype)
         if trunk.partial_known:
-            known = jnp.zeros(cells_NxLxP.shape, bool) if known_NxLxP is None else known_NxLxP
-            hidden_tokens = hidden_tokens + trunk.embed_known(cells_NxLxP, known)
+            hidden_tokens = hidden_tokens + trunk.embed_known(cells_NxLxP, known_NxLxP)
         tokens = jnp.where(hidden_NxL[..., None], hidden_tokens, tokens)
         tokens = tokens + trunk.positions(jnp.arange(num_tokens), cols, col_offset_N)
         x = jnp.concatenate([trunk.cond_tokens(conds_NxCxE, n, border), tokens], axis=1)
