@@ -102,16 +102,17 @@ def bench_train(config: Config, batch: int, width: int, num_steps: int, profile_
     mesh = sharding.make_mesh("1")
     graphdef, state = steps.init_state(config)
     state = steps.place_state(state, mesh)
-    rolls = jax.device_put(realistic_rolls(batch, width, config.roll), sharding.batch_sharding(mesh))
+    rolls = {"roll": realistic_rolls(batch, width, config.roll)}
+    train_batch = jax.device_put(rolls, sharding.batch_sharding(mesh))
     key = jax.random.key(0)
     train_step = steps.make_train_step(graphdef, config, mesh)
     start = time.perf_counter()
-    compiled = train_step.lower(state, rolls, key).compile()
+    compiled = train_step.lower(state, train_batch, key).compile()
     compile_s = time.perf_counter() - start
     holder = {"state": state}
 
     def run():
-        holder["state"], metrics = compiled(holder["state"], rolls, key)
+        holder["state"], metrics = compiled(holder["state"], train_batch, key)
         return metrics["loss"]
 
     for _ in range(3):

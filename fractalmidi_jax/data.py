@@ -14,6 +14,12 @@ Letters in names: P = 128 pitches, T = steps of a whole piece, L = crop length, 
    and no pitch shift;
    `eval_batches` pads the last batch and gives padding weight 0, so every crop counts once.
 Files and their parsed rolls: library.py.
+
+A batch is a dict of arrays, one row per sample. It travels whole, as one pytree, through
+sharding.global_batch and the jitted steps into fractal.fractal_loss, so a new per-sample input
+is added here and read in the loss, with no signature in between to change. Its keys:
+  roll    uint8 B x P x L   model tokens (roll.py)
+  weight  float32 B         evaluation only: 0 for a padding sample, else 1 (absent: all 1)
 """
 
 import collections

@@ -275,9 +275,7 @@ def nll(
         total = cells = 0.0
         for i, batch in enumerate(batches):
             placed = sharding.global_batch(mesh, batch)
-            loss_sum, reached = eval_step(
-                params, placed["roll"], placed["weight"], jax.random.fold_in(key, i)
-            )
+            loss_sum, reached = eval_step(params, placed, jax.random.fold_in(key, i))
             total, cells = total + float(loss_sum), cells + float(reached)
         per_draw.append(total / cells)
     nats = float(np.mean(per_draw))

@@ -118,37 +118,40 @@ def _hand_down(x_NxLxP, index_NxK, side: int, child_patch: int):
     return grid_lib.patchify(canvases, child_patch)
 
 
-def fractal_loss(model: FractalModel, config: Config, roll_BxHxW, rng, train: bool, sample_weight_B=None):
-    """Returns (loss in nats per reached cell, stats). `train` draws the training mask ratios and
-    dropout; otherwise the uniform masks of the NLL estimator. `sample_weight_B` (0 or 1) leaves
-    padding samples out."""
-    batch, height, width = roll_BxHxW.shape
+def fractal_loss(model: FractalModel, config: Config, batch: dict, rng, train: bool):
+    """Returns (loss in nats per reached cell, stats) of a batch (data.py: its `roll`, and its
+    `weight`, if any, leaving padding samples out). `train` draws the training mask ratios and
+    dropout; otherwise the uniform masks of the NLL estimator."""
+    roll_BxHxW = batch["roll"]
+    num_samples, height, width = roll_BxHxW.shape
     sizes = config.img_size_list
     full_width = padded_width(config, width)
     cells_BxHxW = jnp.pad(roll_BxHxW.astype(jnp.int32), ((0, 0), (0, 0), (0, full_width - width)))
-    in_roll = jnp.broadcast_to(jnp.arange(full_width) < width, (batch, height, full_width))
+    in_roll = jnp.broadcast_to(jnp.arange(full_width) < width, (num_samples, height, full_width))
     if train and config.partial_known:
-        known = masking.train_known_cells(jax.random.fold_in(rng, KNOWN_STREAM), batch, height, width)
+        known = masking.train_known_cells(jax.random.fold_in(rng, KNOWN_STREAM), num_samples, height, width)
     else:
-        known = jnp.zeros((batch, height, width), bool)
+        known = jnp.zeros((num_samples, height, width), bool)
     known = jnp.pad(known, ((0, 0), (0, 0), (0, full_width - width)))
     cells, in_roll = grid_lib.patchify(cells_BxHxW, sizes[1]), grid_lib.patchify(in_roll, sizes[1])
     known = grid_lib.patchify(known, sizes[1])
     num_tokens = tokens_per_level(config, width)
     level_budgets = budgets(config, width)
     rng_counts, rng_offset, rng_levels = jax.random.split(rng, 3)
-    counts = _draw_counts(model, config, rng_counts, batch, num_tokens, train)
-    sample_weight = jnp.ones((batch,)) if sample_weight_B is None else sample_weight_B.astype(jnp.float32)
+    counts = _draw_counts(model, config, rng_counts, num_samples, num_tokens, train)
+    sample_weight = batch["weight"].astype(jnp.float32) if "weight" in batch else jnp.ones((num_samples,))
     weight = sample_weight
     trunk0 = model.levels[0].trunk
-    col_offset = time_offsets(rng_offset if train else None, batch, full_width // sizes[1], trunk0.max_cols)
+    col_offset = time_offsets(
+        rng_offset if train else None, num_samples, full_width // sizes[1], trunk0.max_cols
+    )
     if config.conditions:
         features = conditions_lib.from_roll(config.conditions, cells_BxHxW, config.roll)
-        given = jnp.ones((batch, len(config.conditions)), bool)
+        given = jnp.ones((num_samples, len(config.conditions)), bool)
         if train:
             condition_rng = jax.random.fold_in(rng, CONDITION_STREAM)
             given = conditions_lib.draw_given(
-                condition_rng, len(config.conditions), batch, config.condition_dropout
+                condition_rng, len(config.conditions), num_samples, config.condition_dropout
             )
         col_offset = ConditionedColumns(col_offset, model.conditions(features, given))
     conds = border = None

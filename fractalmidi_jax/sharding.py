@@ -56,6 +56,7 @@ def make_mesh(devices_spec: str) -> Mesh:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Splits every array of a batch (data.py) along its first axis, the samples."""
     return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
 
 

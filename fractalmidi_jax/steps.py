@@ -5,6 +5,7 @@ opt_state, step (micro-batches consumed: the data position), nonfinite (a NaN or
 was seen since the start; checked on the host at every logged step; a checkpoint checks the
 state's own arrays, checkpoint.is_finite).
 Random keys: step s uses fold_in(key(seed), s), so a resumed run draws the same masks.
+Batches: the loader's dict (data.py), split over the mesh's data axis and handed whole to the loss.
 """
 
 import jax
@@ -61,16 +62,17 @@ def eval_params(state):
 
 
 def make_train_step(graphdef, config: Config, mesh):
+    """(state, batch, key) -> (state, metrics): one micro-batch's update."""
     optimizer = optim.make_optimizer(config)
     schedule = optim.learning_rate(config)
     scale = LOSS_SCALE.get(config.precision, 1.0)
     accumulate = config.accumulate_grad_batches
 
-    def train_step(state, roll_BxHxW, key):
+    def train_step(state, batch, key):
         rng = jax.random.fold_in(key, state["step"])
 
         def scaled_loss(params):
-            loss, stats = fractal_loss(nnx.merge(graphdef, params), config, roll_BxHxW, rng, train=True)
+            loss, stats = fractal_loss(nnx.merge(graphdef, params), config, batch, rng, train=True)
             return loss * scale, stats
 
         grads, stats = jax.grad(scaled_loss, has_aux=True)(state["params"])
@@ -102,16 +104,16 @@ def make_train_step(graphdef, config: Config, mesh):
 
 
 def make_eval_step(graphdef, config: Config, mesh):
-    """(params, roll, weight, key) -> (sum of cell losses, cells reached): the NLL estimator
-    (uniform masks), so batches combine into one exact average."""
+    """(params, batch, key) -> (sum of cell losses, cells reached): the NLL estimator (uniform
+    masks), so batches (their padding weighted 0) combine into one exact average."""
 
-    def eval_step(params, roll_BxHxW, weight_B, key):
-        loss, stats = fractal_loss(nnx.merge(graphdef, params), config, roll_BxHxW, key, False, weight_B)
+    def eval_step(params, batch, key):
+        loss, stats = fractal_loss(nnx.merge(graphdef, params), config, batch, key, False)
         return loss * stats["reached_cells"], stats["reached_cells"]
 
     return jax.jit(
         eval_step,
-        in_shardings=(replicated(mesh), batch_sharding(mesh), batch_sharding(mesh), replicated(mesh)),
+        in_shardings=(replicated(mesh), batch_sharding(mesh), replicated(mesh)),
         out_shardings=(replicated(mesh), replicated(mesh)),
         compiler_options=STEP_COMPILER_OPTIONS,
     )

@@ -217,7 +217,7 @@ def validate(eval_step, params, batches, mesh, seed: int, limit: int) -> float:
     chosen = batches[:limit] if limit else batches
     for i, batch in enumerate(progress.track(chosen, "validating", len(chosen))):
         placed = sharding.global_batch(mesh, batch)
-        loss_sum, reached = eval_step(params, placed["roll"], placed["weight"], jax.random.fold_in(key, i))
+        loss_sum, reached = eval_step(params, placed, jax.random.fold_in(key, i))
         total, cells = total + float(loss_sum), cells + float(reached)
     return total / cells
 
@@ -378,7 +378,7 @@ def _train(config: Config, output_dir: Path) -> Path:
                 batch = sharding.global_batch(mesh, next(loader))
                 compiling = progress.status("compiling the training step") if step == start_step else None
                 with compiling or contextlib.nullcontext():
-                    state, metrics = train_step(state, batch["roll"], key)
+                    state, metrics = train_step(state, batch, key)
                 pending.append(metrics)
                 step += 1
                 done = step == micro_steps

@@ -67,10 +67,10 @@ def run_steps(mesh, local_rows: np.ndarray, state: dict) -> tuple[list[float], l
     graphdef = nnx.split(nnx.eval_shape(lambda: build_model(CONFIG)))[0]
     state = steps.place_state(state, mesh)
     train_step = steps.make_train_step(graphdef, CONFIG, mesh)
-    roll = sharding.global_batch(mesh, {"roll": local_rows})["roll"]
+    batch = sharding.global_batch(mesh, {"roll": local_rows})
     losses = []
     for _ in range(NUM_STEPS):
-        state, metrics = train_step(state, roll, jax.random.key(3))
+        state, metrics = train_step(state, batch, jax.random.key(3))
         losses.append(float(np.asarray(metrics["loss"].addressable_data(0))))
     return losses, [np.asarray(x.addressable_data(0)) for x in jax.tree.leaves(state["params"])]
 

@@ -136,9 +136,9 @@ def test_nan_weights_after_a_finite_loss_are_never_saved(config, tmp_path, monke
     def make_train_step(graphdef, config, mesh):
         train_step, calls = real(graphdef, config, mesh), []
 
-        def diverging(state, roll, key):
+        def diverging(state, batch, key):
             calls.append(1)
-            state, metrics = train_step(state, roll, key)
+            state, metrics = train_step(state, batch, key)
             if len(calls) == 2:
                 state = dict(state, params=jax.tree.map(lambda p: p * jnp.inf, state["params"]))
             return state, metrics

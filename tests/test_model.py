@@ -44,7 +44,7 @@ def losses_fn(graphdef, config, train=True):
     @jax.jit
     def losses(params, roll, keys_K):
         model = nnx.merge(graphdef, params)
-        loss, stats = jax.vmap(lambda key: fractal_loss(model, config, roll, key, train))(keys_K)
+        loss, stats = jax.vmap(lambda key: fractal_loss(model, config, {"roll": roll}, key, train))(keys_K)
         return loss, stats["reached_cells"]
 
     return losses
@@ -216,7 +216,8 @@ def test_all_ar_loss_sees_context_before_its_targets_only(scan_order):
     @jax.jit
     def losses(params, key):
         model = nnx.merge(graphdef, params)
-        return jax.vmap(lambda roll: fractal_loss(model, config, roll[None], key, True)[0])(variants)
+        loss = lambda batch: fractal_loss(model, config, batch, key, True)[0]
+        return jax.vmap(loss)({"roll": variants[:, None]})
 
     position = np.argsort(model.levels[0].scan(num_tokens))  # grid index -> scan position
     before_a_target, after_all_targets = 0, 0
@@ -333,7 +334,8 @@ def test_partial_masks_do_not_score_known_cells(monkeypatch, partial_known):
     @jax.jit
     def losses(params, key):
         model = nnx.merge(graphdef, params)
-        return jax.vmap(lambda r: fractal_loss(model, config, r, key, True)[0])(jnp.asarray(rolls))
+        loss = lambda batch: fractal_loss(model, config, batch, key, True)[0]
+        return jax.vmap(loss)({"roll": jnp.asarray(rolls)})
 
     for key in keys(3):
         loss, known_changed, to_write_changed = np.asarray(losses(params, key))
@@ -539,7 +541,7 @@ def loss_and_grads(**changes):
     config = tiny(crop_length=GRAD_WIDTH, **changes)
     graphdef, params = nnx.split(build_model(config))
     roll = random_roll(5, 4, GRAD_WIDTH, density=0.1)
-    loss = lambda p: fractal_loss(nnx.merge(graphdef, p), config, roll, jax.random.key(3), True)[0]
+    loss = lambda p: fractal_loss(nnx.merge(graphdef, p), config, {"roll": roll}, jax.random.key(3), True)[0]
     return jax.device_get(jax.jit(jax.value_and_grad(loss))(params))
 
 

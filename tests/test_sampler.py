@@ -151,7 +151,7 @@ def test_sampler_conditionals_equal_the_loss(types):
     rolls = jnp.asarray(np.where(rs.random(tokens.shape) < 0.2, tokens, 0), jnp.int32)
     scoring = ScoringSampler(model, config, NUM_ITER, ONE, None, None)
     scoring.level(0, None, rolls, jnp.ones(rolls.shape, bool), None, jax.random.key(0))
-    loss, stats = fractal_loss(model, config, rolls, jax.random.key(1), train=False)
+    loss, stats = fractal_loss(model, config, {"roll": rolls}, jax.random.key(1), train=False)
     np.testing.assert_allclose(sum(scoring.log_likelihood), -loss * stats["reached_cells"], rtol=1e-5)
 
 

@@ -124,9 +124,9 @@ def test_train_and_eval_steps_agree_on_8_devices_and_1(config):
         batch = sharding.global_batch(mesh, {"roll": roll, "weight": weight})
         state, metrics = steps.place_state(fresh, mesh), []
         for _ in range(2):  # the first update has learning rate 0 (warmup), the second does not
-            state, step_metrics = train_step(state, batch["roll"], key)
+            state, step_metrics = train_step(state, {"roll": batch["roll"]}, key)
             metrics.append(step_metrics)
-        sums = eval_step(steps.eval_params(state), batch["roll"], batch["weight"], key)
+        sums = eval_step(steps.eval_params(state), batch, key)
         results[mesh.devices.size] = jax.device_get((state, metrics, sums))
     assert set(results) == {8, 1}
     (state8, metrics8, sums8), (state1, metrics1, sums1) = results[8], results[1]
@@ -315,11 +315,11 @@ def test_nan_loss_stops_without_saving(config, tmp_path, monkeypatch):
     def make_train_step(graphdef, config, mesh):
         train_step, calls = real(graphdef, config, mesh), []
 
-        def poisoned(state, roll, key):
+        def poisoned(state, batch, key):
             calls.append(1)
             if len(calls) == 2:
                 state = dict(state, params=jax.tree.map(lambda p: p * jnp.nan, state["params"]))
-            return train_step(state, roll, key)
+            return train_step(state, batch, key)
 
         return poisoned
 
