@@ -141,6 +141,39 @@ def test_train_and_eval_steps_agree_on_8_devices_and_1(config):
     np.testing.assert_allclose(sums8, sums1, rtol=1e-5)
 
 
+def test_a_new_batch_key_reaches_the_loss_through_the_sharded_train_step(config, monkeypatch):
+    """A new per-sample input needs the loader and the loss only: a batch with an extra key goes
+    through the 8-device train step as it is, the loss sees the key's global values, and the
+    roll's loss is the same as without the key."""
+    real_loss = steps.fractal_loss
+
+    def loss_reading_an_instrument(model, config, batch, rng, train):
+        loss, stats = real_loss(model, config, batch, rng, train)
+        if "instrument" in batch:
+            stats = dict(stats, instrument_sum=jnp.sum(batch["instrument"]))
+        return loss, stats
+
+    monkeypatch.setattr(steps, "fractal_loss", loss_reading_an_instrument)
+    graphdef, fresh = steps.init_state(config)
+    fresh = jax.device_get(fresh)
+    mesh = sharding.make_mesh("all")
+    train_step = steps.make_train_step(graphdef, config, mesh)
+    rng = np.random.default_rng(1)
+    shape = (config.train_batch_size, 128, config.crop_length)
+    roll = ((rng.random(shape) < 0.05) * rng.integers(1, 128, shape)).astype(np.uint8)
+    instrument = rng.integers(0, 128, config.train_batch_size).astype(np.int32)
+    metrics = {}
+    for local in ({"roll": roll}, {"roll": roll, "instrument": instrument}):
+        batch = sharding.global_batch(mesh, local)
+        _, step_metrics = train_step(steps.place_state(fresh, mesh), batch, jax.random.key(7))
+        metrics[len(local)] = jax.device_get(step_metrics)
+    without, with_instrument = metrics[1], metrics[2]
+    assert with_instrument.pop("instrument_sum") == instrument.sum()
+    assert with_instrument.keys() == without.keys()
+    for name in without:
+        np.testing.assert_array_equal(with_instrument[name], without[name], err_msg=name)
+
+
 # --- resume, fine-tune, refusals ---
 
 
