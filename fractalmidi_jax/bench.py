@@ -18,7 +18,6 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from fractalmidi_jax import roll as roll_lib
@@ -27,6 +26,7 @@ from fractalmidi_jax import sharding, steps
 from fractalmidi_jax.cli import Parser
 from fractalmidi_jax.config import Config
 from fractalmidi_jax.fractal import train_flops_per_sample
+from fractalmidi_jax.head import Sampling
 
 PEAK_BF16_FLOPS = 989e12  # H200 dense bf16, the vendor's figure
 ALL_AR = ("ar", "ar", "ar", "ar")
@@ -137,11 +137,12 @@ def bench_sample(
     params = state["params"]
     run_sampler = sampler_lib.make_sampler(config, num_iter)
     cells, known = sampler_lib.unconditional_inputs(batch, width)
+    sampling = Sampling.of(config, temperature=1.0, min_p=0.0)
     start = time.perf_counter()
-    compiled = run_sampler.lower(params, cells, known, jax.random.key(0), jnp.float32(1.0)).compile()
+    compiled = run_sampler.lower(params, cells, known, jax.random.key(0), sampling).compile()
     compile_s = time.perf_counter() - start
     key = jax.random.key(1)
-    run = lambda: compiled(params, cells, known, key, jnp.float32(1.0))[0]
+    run = lambda: compiled(params, cells, known, key, sampling)[0]
     run()
     seconds = _median_seconds(run, repeats)
     _profile(run, profile_dir)

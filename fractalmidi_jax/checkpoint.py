@@ -73,6 +73,7 @@ FIELDS_BEFORE_THEY_EXISTED = {
     "border_context": False,
     "partial_known": False,
     "temperature": 1.0,
+    "min_p": 0.0,
     "conditions": [],
 }
 

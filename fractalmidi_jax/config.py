@@ -96,6 +96,7 @@ class Config:
     log_images_every_n_steps: int = 5000  # piano-roll images of samples and validation crops (0 = off)
     num_iter_list: tuple[int, ...] = (12, 8, 4, 1)  # MAR rounds per level for samples made during training
     temperature: float = 0.97  # the head's sampling temperature, generate.py's default (tuned on valid)
+    min_p: float = 0.0  # generate.py's default min-p: tokens below min_p x the likeliest are never drawn
     save_top_k: int = 3  # checkpoints kept, best by validation loss (plus the latest)
     max_train_minutes: float = 0.0  # stop (saving a checkpoint) after this many minutes (0 = no limit)
     resume_from_checkpoint: str = ""  # checkpoint folder, or <output_dir>/checkpoints/latest|best
@@ -199,6 +200,12 @@ class Config:
         for name in ("attn_dropout", "proj_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 errors.append(f"{name} must be in [0, 1)")
+        if self.temperature <= 0:
+            errors.append(
+                f"temperature={self.temperature} must be positive (1 = the model's own distribution)"
+            )
+        if not 0.0 <= self.min_p < 1.0:
+            errors.append(f"min_p={self.min_p} must be in [0, 1) (0 = off)")
         if not 0.0 <= self.ema_decay < 1.0:
             errors.append("ema_decay must be in [0, 1) (0 turns the EMA off)")
         for name in (

@@ -33,6 +33,7 @@ from fractalmidi_jax import library as rolls_lib
 from fractalmidi_jax import roll as roll_lib
 from fractalmidi_jax.cli import Parser
 from fractalmidi_jax.conditions import BAR_STEPS
+from fractalmidi_jax.head import Sampling
 
 UNCONDITIONAL_STREAM = 0  # the key stream of every control row: they differ only in what is asked
 
@@ -51,6 +52,7 @@ def build_parser() -> Parser:
     add("--batch_size", type=int, default=32, help="samples per sampler call")
     add("--num_iter_list", type=int, nargs="+", help="rounds per level (default: the checkpoint's)")
     add("--temperature", type=float, help="the head's sampling temperature (default: the model's)")
+    add("--min_p", type=float, help="the head's min-p (default: the model's)")
     add("--bootstrap", type=int, default=100, help="bootstrap draws of the OA intervals")
     add("--seed", type=int, default=0, help="chooses the crops and the samples")
     add("--cache_dir", default="", help="parsed-roll cache (default: ~/.cache/fractalmidi_jax/rolls)")
@@ -157,6 +159,7 @@ def measure(args) -> dict:
     crops = crops[picked]
     reference = music_stats.set_stats(*music_stats.load_scores(music_stats.midi_paths(args.data)))
     key = jax.random.key(args.seed)
+    sampling = Sampling.of(config, args.temperature, args.min_p)
 
     def sample(cells, known, features, given, cfg, stream):
         guidance = None if cfg == 1.0 else jnp.float32(cfg)
@@ -167,7 +170,7 @@ def measure(args) -> dict:
             given,
             jax.random.fold_in(key, stream),
             args.batch_size,
-            args.temperature,
+            sampling,
             num_iter,
             guidance,
         )[0]
@@ -202,6 +205,7 @@ def measure(args) -> dict:
         num_iter,
         args.piece_bars,
         conditions=piece_requests,
+        min_p=args.min_p,
     )
     window_oa = [
         oa(pieces.rolls_NxPxW[:, :, start : start + music_stats.WINDOW_STEPS])
@@ -224,7 +228,8 @@ def measure(args) -> dict:
         "crops": len(crops),
         "width": width,
         "num_iter_list": list(num_iter),
-        "temperature": args.temperature,
+        "temperature": float(sampling.temperature),
+        "min_p": float(sampling.min_p),
         "seed": args.seed,
         "control": control,
         "piece": piece,

@@ -47,6 +47,7 @@ from fractalmidi_jax import sampler as sampler_lib
 from fractalmidi_jax.cli import Parser
 from fractalmidi_jax.config import NUM_PITCHES, Config, ConfigError, from_dict, use_compilation_cache
 from fractalmidi_jax.fractal import build_model
+from fractalmidi_jax.head import Sampling
 from fractalmidi_jax.output_dir import OutputDirError, check_writable
 from fractalmidi_jax.writer import next_numbered_dir
 
@@ -287,11 +288,13 @@ class Generator:
         overlap_bars: int = 0,
         cfg: float = 1.0,
         conditions: dict | None = None,
+        min_p: float | None = None,
     ) -> Samples:
         """num_samples rolls that keep the known cells, made batch_size at a time. With num_bars,
         pieces of num_bars bars made in windows of the canvas's width, each window after the first
         keeping the last overlap_bars (0 = half a window) written; `conditions` ({name: text or
-        values}) are asked for the piece's bars and guided at `cfg`."""
+        values}) are asked for the piece's bars and guided at `cfg`; temperature and min_p None are
+        the model's (head.Sampling)."""
         check_ar_prefix(self.config, known_PxW)
         num_iter = tuple(num_iter_list or self.config.num_iter_list)
         if len(num_iter) != len(self.config.img_size_list):
@@ -303,6 +306,7 @@ class Generator:
         starts = window_starts(total, window, overlap_bars)
         features, given = self._asked(conditions or {}, cfg, -(-total // BAR_STEPS))
         guidance = jnp.float32(cfg) if cfg != 1.0 and given is not None and given.any() else None
+        sampling = Sampling.of(self.config, temperature, min_p)
         piece = np.zeros((num_samples, NUM_PITCHES, total), np.uint8)
         known_piece = np.zeros((NUM_PITCHES, total), bool)
         known_piece[:, :window] = known_PxW
@@ -327,7 +331,7 @@ class Generator:
                 }
                 window_given = np.repeat(given[None], num_samples, 0)
             rolls, frames, seconds = self.sample_batches(
-                cells, known, window_features, window_given, key, batch_size, temperature, num_iter, guidance
+                cells, known, window_features, window_given, key, batch_size, sampling, num_iter, guidance
             )
             piece[:, :, start + written : start + window] = rolls[:, :, written:]
             compile_s, batch_seconds = compile_s + seconds[0], batch_seconds + seconds[1]
@@ -362,14 +366,13 @@ class Generator:
         return (features, given) if self.config.conditions else (None, None)
 
     def sample_batches(
-        self, cells_NxPxW, known_NxPxW, features, given_NxK, key, batch_size, temperature, num_iter, cfg
+        self, cells_NxPxW, known_NxPxW, features, given_NxK, key, batch_size, sampling, num_iter, cfg
     ):
         """(rolls N x 128 x W uint8, frames F x N x 128 x W, (compile seconds, seconds per batch)):
         the sampler over N canvases batch_size at a time, batch b drawing with fold_in(key, b).
         `features` ({name: N x Bars x size}) and given_NxK are each sample's conditions (None for a
-        model without), `cfg` a guidance scale (None: none); num_iter rounds per level; temperature
-        None is the model's."""
-        temperature = self.config.temperature if temperature is None else temperature
+        model without), `cfg` a guidance scale (None: none); num_iter rounds per level; `sampling`
+        a head.Sampling."""
         num_samples, _, width = cells_NxPxW.shape
         num_batches = -(-num_samples // batch_size)
         fill = np.arange(num_batches * batch_size) % num_samples  # the last batch is filled up with repeats
@@ -389,7 +392,7 @@ class Generator:
                     batch(cells_NxPxW, 0),
                     batch(known_NxPxW, 0),
                     key,
-                    jnp.float32(temperature),
+                    sampling,
                     conditions(0),
                     cfg,
                 ).compile()
@@ -402,7 +405,7 @@ class Generator:
                 batch(cells_NxPxW, b),
                 batch(known_NxPxW, b),
                 jax.random.fold_in(key, b),
-                jnp.float32(temperature),
+                sampling,
                 conditions(b),
                 cfg,
             )
@@ -496,6 +499,7 @@ class Generator:
         num_bars=0,
         overlap_bars=0,
         cfg=1.0,
+        min_p=None,
         tempo=0.0,
         min_velocity=1,
         min_note_steps=1,
@@ -517,6 +521,7 @@ class Generator:
             overlap_bars,
             cfg,
             conditions,
+            min_p,
         )
         bpm = tempo or (score.tempo_bpm if score else 120.0)
         songs = [
@@ -564,6 +569,7 @@ def generate(args) -> dict:
         args.overlap_bars,
         args.cfg,
         requests,
+        args.min_p,
     )
     known_mask = samples.known_PxW
     out = run_folder(Path(args.output_dir), args.reuse_output_dir)
@@ -586,6 +592,7 @@ def generate(args) -> dict:
         "cfg": args.cfg,
         "num_iter_list": list(samples.num_iter_list),
         "temperature": model.config.temperature if args.temperature is None else args.temperature,
+        "min_p": model.config.min_p if args.min_p is None else args.min_p,
         "tempo_bpm": tempo,
         "time_signature": list(meter),
         "weights": model.weights,
@@ -674,6 +681,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="the head's sampling temperature (default: the model's, 0.97 for today's; below: sparser, above: busier)",
     )
+    add(
+        "--min_p",
+        type=float,
+        help="never draw a token less likely than this times the likeliest (default: the model's; "
+        "0.001 removes stray notes of a small model)",
+    )
     add("--seed", type=int, default=0, help="the same seed, checkpoint and flags give the same files")
     add("--output_dir", default="outputs/generated", help="each run writes a fresh run_N folder inside it")
     add(
@@ -729,6 +742,8 @@ def main(argv=None) -> None:
             raise GenerationError(
                 f"--temperature {args.temperature} must be a positive number (1 = the model's own distribution)"
             )
+        if args.min_p is not None and not 0 <= args.min_p < 1:
+            raise GenerationError(f"--min_p {args.min_p} must be in [0, 1) (0 = off)")
         if args.num_iter_list and min(args.num_iter_list) < 1:
             rounds = " ".join(map(str, args.num_iter_list))
             raise GenerationError(f"--num_iter_list {rounds}: every level needs at least 1 round")

@@ -7,6 +7,8 @@ prediction position sees only itself), so attention reduces to its value/output 
 logits are tied to a learned token codebook, computed in float32.
 """
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -14,6 +16,34 @@ from flax import nnx
 from fractalmidi_jax import roll as roll_lib
 from fractalmidi_jax.config import Config
 from fractalmidi_jax.layers import Transformer, dense, embedding_init
+
+
+class Sampling(NamedTuple):
+    """How the head draws a cell's token: the logits divided by `temperature`, then (min-p) every
+    token less likely than `min_p` times the likeliest one dropped (0: none). An undertrained model
+    gives each silent cell a little probability of a note; over thousands of cells some are drawn,
+    stray single notes far from the music, and min-p removes them. Two traced scalars: changing
+    them never recompiles the sampler."""
+
+    temperature: jax.Array
+    min_p: jax.Array
+
+    @classmethod
+    def of(cls, config: Config, temperature: float | None = None, min_p: float | None = None) -> "Sampling":
+        """The model's choices (its config), overridden where given."""
+        return cls(
+            jnp.float32(config.temperature if temperature is None else temperature),
+            jnp.float32(config.min_p if min_p is None else min_p),
+        )
+
+
+def draw(logits_NxV, rng, sampling: Sampling):
+    """One token per row of the logits under `sampling`."""
+    logits_NxV = logits_NxV / jnp.maximum(sampling.temperature, 1e-6)
+    floor_Nx1 = jnp.max(logits_NxV, axis=-1, keepdims=True) + jnp.log(sampling.min_p)
+    return jax.random.categorical(rng, jnp.where(logits_NxV >= floor_Nx1, logits_NxV, -jnp.inf)).astype(
+        jnp.int32
+    )
 
 
 class CellHead(nnx.Module):
@@ -39,7 +69,7 @@ class CellHead(nnx.Module):
         x, _ = self.transformer(self.cond_proj(cond_NxE)[:, None, :])
         return jnp.dot(x[:, 0].astype(jnp.float32), self.codebook[...].T) + self.bias[...]
 
-    def sample(self, cond_NxE, rng, temperature: float, guide=None):
+    def sample(self, cond_NxE, rng, sampling: Sampling, guide=None):
         """One token per cell; `guide` (the sampler's classifier-free guidance) maps the logits first."""
         logits = self.logits(cond_NxE) if guide is None else guide(self.logits(cond_NxE))
-        return jax.random.categorical(rng, logits / jnp.maximum(temperature, 1e-6)).astype(jnp.int32)
+        return draw(logits, rng, sampling)

@@ -66,7 +66,9 @@ def write_index(out: Path, report: dict) -> Path:
         )
         figures.append("".join(parts) + "</figure>")
     settings = {
-        k: report[k] for k in ("mode", "seed", "temperature", "num_iter_list", "target_width") if k in report
+        k: report[k]
+        for k in ("mode", "seed", "temperature", "min_p", "num_iter_list", "target_width")
+        if k in report
     }
     summary = html.escape(
         f"{len(report['samples'])} samples from {report.get('checkpoint', '?')}; " + json.dumps(settings)

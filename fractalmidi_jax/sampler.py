@@ -4,8 +4,9 @@
 A level receives N sequences (their condition vectors from the level above, and with
 `border_context` their border columns), a canvas of known cells and a mask of which cells are
 known, and returns the canvas filled. How is the level kind's own business (`generate` in
-mar.py and ar.py); this module recurses: a level asks `children` for the patches it draws, and
-the last level is the head, which draws one token per cell at `temperature`.
+mar.py, ar.py and column.py); this module recurses: a level asks `children` for the patches it
+draws, and the last level is the head, which draws one token per cell under a `head.Sampling`
+(temperature, min-p).
 Level 0 samples at the time offset training covered best (level.sampling_offsets).
 Known cells (continuation prompts, inpainting surroundings) are copied through, so they come
 back bit-identical, and the rest is conditioned on them: a level sees a wholly known patch from
@@ -38,9 +39,9 @@ GUIDANCE_AXIS = "guidance"  # the vmap axis of guided sampling: 0 = with the con
 class _Sampler:
     """Holds the static choices of one sampling program."""
 
-    def __init__(self, model: FractalModel, config: Config, num_iter_list, temperature, bar_vectors, cfg):
+    def __init__(self, model: FractalModel, config: Config, num_iter_list, sampling, bar_vectors, cfg):
         self.model, self.config = model, config
-        self.num_iter_list, self.temperature = num_iter_list, temperature
+        self.num_iter_list, self.sampling = num_iter_list, sampling  # sampling: a head.Sampling
         self.bar_vectors = bar_vectors  # N x Bars x D condition vectors of level 0's columns, or None
         self.cfg = cfg  # the guidance scale under vmap over GUIDANCE_AXIS, or None (no guidance)
         self.frames = []  # level-0 canvases, one per round (MAR) or per 1/16 of the scan (AR)
@@ -81,7 +82,7 @@ class _Sampler:
         n, count = cells_NxKxP.shape[:2]
         flat = lambda x: x.reshape((n * count,) + x.shape[2:])
         if k == self.config.num_levels - 1:
-            drawn = self.model.head.sample(flat(conds_NxKxOxD)[:, 0], rng, self.temperature, self.guide)
+            drawn = self.model.head.sample(flat(conds_NxKxOxD)[:, 0], rng, self.sampling, self.guide)
             out = jnp.where(flat(known_NxKxP)[:, 0], flat(cells_NxKxP)[:, 0], drawn)
         else:
             side = self.config.img_size_list[k + 1]
@@ -103,14 +104,14 @@ def sample(
     known_mask_BxHxW,
     rng,
     num_iter_list,
-    temperature,
+    sampling,
     conditions=None,
     cfg=None,
 ):
     """Returns (rolls B x 128 x W int32, frames F x B x 128 x W: the canvas after each level-0
     round, or every 1/16 of an AR level 0). `conditions` is (features {name: B x Bars x size},
     given B x K) for a model trained with conditions (None: none given); `cfg` a guidance scale
-    (None: no guidance). Not jitted; see `make_sampler`."""
+    (None: no guidance); `sampling` a head.Sampling. Not jitted; see `make_sampler`."""
     batch, height, width = known_cells_BxHxW.shape
     full_width = padded_width(config, width)
     pad = ((0, 0), (0, 0), (0, full_width - width))
@@ -123,7 +124,7 @@ def sample(
 
     def one_run(given_BxK):
         bar_vectors = model.conditions(conditions[0], given_BxK) if config.conditions else None
-        sampler = _Sampler(model, config, tuple(num_iter_list), temperature, bar_vectors, cfg)
+        sampler = _Sampler(model, config, tuple(num_iter_list), sampling, bar_vectors, cfg)
         rolls = sampler.level(0, None, cells, known, None, rng)[:, :, :width]
         frames = jnp.stack([f[:, :, :width] for f in sampler.frames]) if sampler.frames else rolls[None]
         return rolls, frames
@@ -137,7 +138,7 @@ def sample(
 
 @functools.lru_cache(maxsize=16)
 def make_sampler(config: Config, num_iter_list: tuple[int, ...]):
-    """The jitted program: (params, known_cells, known_mask, rng, temperature[, conditions[, cfg]])
+    """The jitted program: (params, known_cells, known_mask, rng, sampling[, conditions[, cfg]])
     -> (rolls, frames), `sample`'s arguments. One compile per (batch, width, guided or not); a
     second call with the same shapes reuses it. Level 0's blocks run under `lax.scan` whatever the
     training config says (same weights): its rounds are unrolled, and unrolled blocks in each
@@ -145,7 +146,7 @@ def make_sampler(config: Config, num_iter_list: tuple[int, ...]):
     graphdef = nnx.split(nnx.eval_shape(lambda: build_model(config.replace(scan_layers=True))))[0]
 
     @jax.jit
-    def run(params, known_cells_BxHxW, known_mask_BxHxW, rng, temperature, conditions=None, cfg=None):
+    def run(params, known_cells_BxHxW, known_mask_BxHxW, rng, sampling, conditions=None, cfg=None):
         model = nnx.merge(graphdef, params)
         return sample(
             model,
@@ -154,7 +155,7 @@ def make_sampler(config: Config, num_iter_list: tuple[int, ...]):
             known_mask_BxHxW,
             rng,
             num_iter_list,
-            temperature,
+            sampling,
             conditions,
             cfg,
         )

@@ -39,6 +39,7 @@ from fractalmidi_jax import roll as roll_lib
 from fractalmidi_jax import sampler as sampler_lib
 from fractalmidi_jax.config import Config, save_yaml
 from fractalmidi_jax.fractal import train_flops_per_sample
+from fractalmidi_jax.head import Sampling
 from fractalmidi_jax.output_dir import OutputDirError, RunLock, check_writable
 from fractalmidi_jax.writer import Writer
 
@@ -228,7 +229,7 @@ def log_images(writer: Writer, step: int, config: Config, params, val_crops, val
     synthesiser)."""
     run = sampler_lib.make_sampler(config, config.num_iter_list)
     cells, known = sampler_lib.unconditional_inputs(NUM_IMAGE_SAMPLES, config.crop_length)
-    rolls, _ = run(params, cells, known, jax.random.key(config.seed + step), jnp.float32(config.temperature))
+    rolls, _ = run(params, cells, known, jax.random.key(config.seed + step), Sampling.of(config))
     rolls = np.asarray(rolls)
     pictures = lambda tokens, bar_lines=None: render.grid_image(
         [roll_lib.velocity_cells(t, config.roll) for t in tokens], scale=IMAGE_SCALE, bar_lines=bar_lines

@@ -18,6 +18,7 @@ from fractalmidi_jax import grid as grid_lib
 from fractalmidi_jax import sampler as sampler_lib
 from fractalmidi_jax.config import ConfigError
 from fractalmidi_jax.fractal import build_model
+from fractalmidi_jax.head import Sampling
 from fractalmidi_jax.level import ConditionedColumns
 
 pytestmark = pytest.mark.usefixtures("compilation_cache")
@@ -157,7 +158,7 @@ def test_guidance_at_scale_one_is_conditional_and_at_zero_unconditional():
         {name: np.repeat(f[None], BATCH, 0) for name, f in features.items()},
         np.repeat(given[None], BATCH, 0),
     )
-    key, one = jax.random.key(3), jnp.float32(1.0)
+    key, one = jax.random.key(3), Sampling.of(config, 1.0, 0.0)
     sample = lambda conditions, cfg=None: np.asarray(run(params, cells, known, key, one, conditions, cfg)[0])
     nothing = conditions_lib.nothing_given(CONDITIONS, BATCH, WIDTH // 16)
     conditional, unconditional = sample(asked), sample(nothing)

@@ -65,6 +65,8 @@ def test_unreadable_flag_value_names_the_field(capsys):
         (dict(precision="fp8"), "precision"),
         (dict(num_iter_list=(12, 8, 4)), "num_iter_list"),
         (dict(devices="gpu"), "devices='gpu'"),
+        (dict(temperature=0.0), "temperature=0.0 must be positive"),
+        (dict(min_p=1.0), "min_p=1.0 must be in [0, 1)"),
     ],
 )
 def test_bad_value_is_refused_naming_the_field(changes, named):

@@ -393,6 +393,8 @@ def test_generate_into_an_unusable_output_dir(run, tmp_path, no_compiling, monke
         (["--temperature", "0"], "--temperature 0.0 must be a positive number"),
         (["--temperature", "-1"], "--temperature -1.0 must be a positive number"),
         (["--temperature", "nan"], "--temperature nan must be a positive number"),
+        (["--min_p", "1"], "--min_p 1.0 must be in [0, 1) (0 = off)"),
+        (["--min_p", "-0.1"], "--min_p -0.1 must be in [0, 1) (0 = off)"),
         (
             ["--num_iter_list", "0", "8", "4", "1"],
             "--num_iter_list 0 8 4 1: every level needs at least 1 round",

@@ -19,6 +19,7 @@ from fractalmidi_jax import sampler as sampler_lib
 from fractalmidi_jax.ar import ARLevel
 from fractalmidi_jax.config import Config, ConfigError
 from fractalmidi_jax.fractal import budgets, build_model, count_params, fractal_loss, tokens_per_level
+from fractalmidi_jax.head import Sampling, draw
 from fractalmidi_jax.mar import MARLevel
 
 NUM_CLASSES = roll_lib.num_classes(TINY.roll)
@@ -509,6 +510,24 @@ def test_budgeted_loss_is_unbiased():
 # --- positions and wide rolls ---
 
 
+def test_min_p_draws_only_tokens_at_least_min_p_times_the_likeliest():
+    """After the temperature, min-p keeps the tokens at least min_p times as likely as the likeliest,
+    at their relative odds, and never draws the rest; min_p 0 draws from the whole softmax."""
+    probs = np.array([0.5, 0.3, 0.15, 0.04, 0.01])
+    logits = jnp.log(jnp.asarray(np.tile(probs, (20_000, 1)), jnp.float32))
+
+    def frequencies(temperature, min_p):
+        drawn = draw(logits, jax.random.key(0), Sampling(jnp.float32(temperature), jnp.float32(min_p)))
+        return np.bincount(np.asarray(drawn), minlength=len(probs)) / len(logits)
+
+    np.testing.assert_allclose(frequencies(1.0, 0.0), probs, atol=0.01)
+    kept = frequencies(1.0, 0.1)  # below 0.05: tokens 3 and 4
+    assert kept[3] == kept[4] == 0
+    np.testing.assert_allclose(kept[:3], probs[:3] / probs[:3].sum(), atol=0.015)
+    sharp = frequencies(0.5, 0.05)  # odds squared: 0.25, 0.09, 0.0225 kept; 0.0016, 0.0001 not
+    assert sharp[2] > 0 and sharp[3] == sharp[4] == 0
+
+
 def test_one_model_covers_widths_up_to_max_crop_length():
     """With max_crop_length 512 the level-0 column table has 32 entries, and the same parameters give a
     finite loss and a full sample at W = 128 and W = 512."""
@@ -520,7 +539,7 @@ def test_one_model_covers_widths_up_to_max_crop_length():
         loss, _ = losses_fn(graphdef, config, train)(params, random_roll(0, 1, width), keys(1))
         assert np.isfinite(loss).all() and abs(float(loss[0]) - LOG_CLASSES) < 1.0
         cells, known = sampler_lib.unconditional_inputs(1, width)
-        rolls, _ = run(params, cells, known, jax.random.key(0), jnp.float32(1.0))
+        rolls, _ = run(params, cells, known, jax.random.key(0), Sampling.of(config, 1.0, 0.0))
         rolls = np.asarray(rolls)
         assert rolls.shape == (1, 128, width) and rolls.min() >= 0 and rolls.max() < NUM_CLASSES
         assert (rolls > 0).mean() > 0.95  # drawn cells: nearly uniform velocities at initialisation

@@ -15,10 +15,11 @@ from fractalmidi_jax import roll as roll_lib
 from fractalmidi_jax import sampler as sampler_lib
 from fractalmidi_jax.ar import ARLevel
 from fractalmidi_jax.fractal import build_model, fractal_loss
+from fractalmidi_jax.head import Sampling
 
 NUM_ITER = (2, 2, 2, 1)
 BATCH, WIDTH = 2, 32
-ONE = jnp.float32(1.0)
+ONE = Sampling(jnp.float32(1.0), jnp.float32(0.0))  # temperature 1, no min-p
 NUM_CLASSES = roll_lib.num_classes(TINY.roll)
 
 
@@ -215,7 +216,7 @@ def test_sampling_is_reproducible_without_recompiling():
     first, _ = run(params, cells, known, jax.random.key(2), ONE)
     compiled = run._cache_size()
     again, _ = run(params, cells, known, jax.random.key(2), ONE)
-    other, _ = run(params, cells, known, jax.random.key(3), jnp.float32(0.5))
+    other, _ = run(params, cells, known, jax.random.key(3), Sampling(jnp.float32(0.5), jnp.float32(0.0)))
     np.testing.assert_array_equal(first, again)
     assert (np.asarray(first) != np.asarray(other)).mean() > 0.5
     assert run._cache_size() == compiled
