@@ -296,6 +296,12 @@ class Generator:
         values}) are asked for the piece's bars and guided at `cfg`; temperature and min_p None are
         the model's (head.Sampling)."""
         check_ar_prefix(self.config, known_PxW)
+        if temperature is not None and not (temperature > 0 and np.isfinite(temperature)):
+            raise GenerationError(
+                f"--temperature {temperature} must be a positive number (1 = the model's own distribution)"
+            )
+        if min_p is not None and not 0 <= min_p < 1:
+            raise GenerationError(f"--min_p {min_p} must be in [0, 1) (0 = off)")
         num_iter = tuple(num_iter_list or self.config.num_iter_list)
         if len(num_iter) != len(self.config.img_size_list):
             raise GenerationError(
@@ -738,12 +744,6 @@ def main(argv=None) -> None:
         parser.error("--num_samples and --batch_size must be at least 1")
     use_compilation_cache()
     try:
-        if args.temperature is not None and not (args.temperature > 0 and np.isfinite(args.temperature)):
-            raise GenerationError(
-                f"--temperature {args.temperature} must be a positive number (1 = the model's own distribution)"
-            )
-        if args.min_p is not None and not 0 <= args.min_p < 1:
-            raise GenerationError(f"--min_p {args.min_p} must be in [0, 1) (0 = off)")
         if args.num_iter_list and min(args.num_iter_list) < 1:
             rounds = " ".join(map(str, args.num_iter_list))
             raise GenerationError(f"--num_iter_list {rounds}: every level needs at least 1 round")

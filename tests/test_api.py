@@ -98,3 +98,7 @@ def test_bad_arguments_raise_generation_error(model, tmp_path):
         model.generate(target_width=30)
     with pytest.raises(generation.GenerationError, match="not both"):
         model.continuation(waltz(tmp_path / "w.mid"), prompt_steps=8, prompt_bars=1)
+    with pytest.raises(generation.GenerationError, match=r"--min_p 1.5 must be in \[0, 1\)"):
+        model.generate(min_p=1.5)
+    with pytest.raises(generation.GenerationError, match="--temperature 0 must be a positive number"):
+        model.generate(temperature=0)
