@@ -57,9 +57,8 @@ BAR_STEPS = conditions_lib.BAR_STEPS  # --num_bars and --overlap_bars count bars
 NUM_BARS_MODES = (
     "--num_bars writes a new piece (unconditional or continuation); inpainting edits its input's width"
 )
-WINDOW_STREAM = (
-    1 << 20
-)  # the seed's key folded with this, then the window index, keys windows after the first
+# The seed's key folded with this, then with the window index, keys the windows after the first.
+WINDOW_STREAM = 1 << 20
 
 
 class GenerationError(ValueError):
@@ -341,10 +340,11 @@ class Generator:
             )
             piece[:, :, start + written : start + window] = rolls[:, :, written:]
             compile_s, batch_seconds = compile_s + seconds[0], batch_seconds + seconds[1]
-            piece_frames.append(piece.copy())
+            if len(starts) > 1:
+                piece_frames.append(piece.copy())
         return Samples(
             piece,
-            frames if len(starts) == 1 else np.stack(piece_frames),
+            np.stack(piece_frames) if piece_frames else frames,
             known_piece,
             num_iter,
             compile_s,
