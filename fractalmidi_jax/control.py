@@ -45,7 +45,7 @@ def build_parser() -> Parser:
     add("--data", required=True, help="folder or .txt list of held-out MIDI files (e.g. POP909 valid)")
     add("--out", required=True, help="the JSON file to write")
     add("--num_crops", type=int, default=64, help="crops of the model's width whose bars are asked for")
-    add("--cfg", type=float, nargs="+", default=[1.0, 2.0, 3.0], help="guidance scales to measure")
+    add("--cfg", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0], help="guidance scales to measure")
     add("--piece_bars", type=int, default=64, help="bars of each whole piece")
     add("--num_pieces", type=int, default=16, help="whole pieces to write")
     add("--piece_chords", default="", help='chords of the whole pieces, e.g. "C G Am F" (default: none)')

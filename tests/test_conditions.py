@@ -191,6 +191,7 @@ def test_windows_cover_the_piece_and_each_keeps_the_last_bars_of_the_one_before(
         num_bars=64,
         overlap_bars=1,
         chords="C F G",
+        cfg=1.0,
         return_rolls=True,
         num_iter_list=(1, 1, 1, 1),
     )
@@ -230,6 +231,25 @@ def test_generate_writes_whole_pieces_and_records_the_conditions(model, tmp_path
     assert report["conditions"] == {"chords": "C G Am F", "density": "8"} and report["cfg"] == 2.0
     assert report["piece_steps"] == 48 and report["window_starts"] == [0, 16]
     assert (out / "sample_000.png").is_file()
+
+
+def test_asked_conditions_are_guided_at_the_measured_scale_unless_told(folder, model, monkeypatch):
+    """No --cfg: CFG_WHEN_ASKED when a condition is asked, no guidance when none is (or for a
+    model without conditions); an explicit scale is kept."""
+    guidance = []
+
+    def spy(self, cells, known, features, given, key, batch_size, sampling, num_iter, cfg):
+        guidance.append(None if cfg is None else float(cfg))
+        return np.zeros(cells.shape, np.uint8), np.zeros((1,) + cells.shape, np.uint8), (0.0, [0.0])
+
+    monkeypatch.setattr(generation.Generator, "sample_batches", spy)
+    canvas = generation.empty_canvas(WIDTH)
+    assert model.sample(*canvas, 1, conditions={"chords": "C G"}).cfg == generation.CFG_WHEN_ASKED
+    assert model.sample(*canvas, 1, conditions={"density": "8"}, cfg=2.0).cfg == 2.0
+    assert model.sample(*canvas, 1).cfg == 1.0
+    unconditional = fractalmidi_jax.load(folder / "unconditional" / "checkpoints" / "latest")
+    assert unconditional.sample(*canvas, 1).cfg == 1.0
+    assert guidance == [generation.CFG_WHEN_ASKED, 2.0, None, None]
 
 
 def test_bad_requests_get_one_line(folder, model, tmp_path):
