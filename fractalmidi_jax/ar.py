@@ -22,7 +22,7 @@ from flax import nnx
 
 from fractalmidi_jax import grid as grid_lib
 from fractalmidi_jax.config import Config
-from fractalmidi_jax.level import LevelTrunk, causal_mask
+from fractalmidi_jax.level import HandDown, LevelTrunk, causal_mask
 
 NUM_FRAMES = 16  # GIF frames of an AR level 0: the canvas after every 1/16 of the scan
 
@@ -72,13 +72,14 @@ class ARLevel(nnx.Module):
         order_rng,
         dropout_rng,
         known_NxLxP=None,
-    ):
+        nonempty_NxL=None,
+    ) -> HandDown:
         """A random budget of the patches hands down; every patch is visible to its children."""
         h_NxLxD = self.teacher_forced(
             cells_NxLxP, conds_NxCxE, border, col_offset_N, dropout_rng, known_NxLxP
         )
         return self.trunk.hand_down_a_random_budget(
-            h_NxLxD, count_N, budget, self.handoff_neighbours, num_out, order_rng
+            h_NxLxD, count_N, budget, self.handoff_neighbours, num_out, order_rng, nonempty_NxL
         )
 
     def cache_length(self, num_tokens: int) -> int:

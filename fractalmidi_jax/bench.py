@@ -26,6 +26,7 @@ from fractalmidi_jax import sharding, steps
 from fractalmidi_jax.cli import Parser
 from fractalmidi_jax.config import Config
 from fractalmidi_jax.fractal import train_flops_per_sample
+from fractalmidi_jax.generation import load_model
 from fractalmidi_jax.head import Sampling
 
 PEAK_BF16_FLOPS = 989e12  # H200 dense bf16, the vendor's figure
@@ -130,11 +131,19 @@ def bench_train(config: Config, batch: int, width: int, num_steps: int, profile_
 
 
 def bench_sample(
-    config: Config, batch: int, width: int, num_iter: tuple[int, ...], repeats: int, profile_dir: str = ""
+    config: Config,
+    batch: int,
+    width: int,
+    num_iter: tuple[int, ...],
+    repeats: int,
+    profile_dir: str = "",
+    params=None,
 ) -> dict:
-    config = config.replace(max_crop_length=max(width, 512))
-    graphdef, state = steps.init_state(config)
-    params = state["params"]
+    """`params`: trained weights of `config` (None: initial ones). A skip_empty model's speed
+    depends on how many patches its weights say are empty, so time it trained."""
+    if params is None:
+        config = config.replace(max_crop_length=max(width, 512))
+        params = steps.init_state(config)[1]["params"]
     run_sampler = sampler_lib.make_sampler(config, num_iter)
     cells, known = sampler_lib.unconditional_inputs(batch, width)
     sampling = Sampling.of(config, temperature=1.0, min_p=0.0)
@@ -154,7 +163,10 @@ def bench_sample(
     }
 
 
-def run_cases(names, base: Config, num_steps: int, num_iter, profile_dir: str = "") -> list[dict]:
+def run_cases(
+    names, base: Config, num_steps: int, num_iter, profile_dir: str = "", trained=None
+) -> list[dict]:
+    """`trained`: (config, params) of a checkpoint, which the sampling cases then time."""
     rows = []
     for i, name in enumerate(names):
         kind, width, batch, precision, generator_types, reference = CASES[name]
@@ -162,6 +174,10 @@ def run_cases(names, base: Config, num_steps: int, num_iter, profile_dir: str = 
         profile = profile_dir if i == 0 else ""
         if kind == "train":
             result = bench_train(config, batch, width, num_steps, profile)
+        elif trained:
+            result = bench_sample(
+                trained[0], batch, width, num_iter, max(3, num_steps // 3), profile, trained[1]
+            )
         else:
             result = bench_sample(config, batch, width, num_iter, max(3, num_steps // 3), profile)
         result.update(name=name, reference_seconds=reference, speedup=reference / result["seconds"])
@@ -223,14 +239,27 @@ def main(argv=None):
     parser.add_argument(
         "--faithful", action="store_true", help="the FractalMIDI-faithful model (all MAR, velocity roll)"
     )
+    parser.add_argument("--skip_empty", action="store_true", help="levels skip empty patches (sparse.py)")
+    parser.add_argument(
+        "--checkpoint", default="", help="sampling cases time this checkpoint's model and weights"
+    )
     args = parser.parse_args(argv)
-    base = Config(attn_dropout=args.dropout, proj_dropout=args.dropout, scan_layers=args.scan_layers)
+    base = Config(
+        attn_dropout=args.dropout,
+        proj_dropout=args.dropout,
+        scan_layers=args.scan_layers,
+        skip_empty=args.skip_empty,
+    )
     if args.faithful:
         base = base.replace(**FAITHFUL)
     print(f"{jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}")
     print(HEADER)
     names = [n for n in CASES if not args.only or any(text in n for text in args.only)]
-    rows = run_cases(names, base, args.steps, tuple(args.num_iter_list), args.profile)
+    trained = None
+    if args.checkpoint:
+        config, _, params, _ = load_model(args.checkpoint)
+        trained = (config, params)
+    rows = run_cases(names, base, args.steps, tuple(args.num_iter_list), args.profile, trained)
     if args.best_batches:
         rows += best_batch(base, args.steps, args.best_batches)
     if args.out:

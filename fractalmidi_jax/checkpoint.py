@@ -72,6 +72,7 @@ FIELDS_BEFORE_THEY_EXISTED = {
     "roll": "velocity",
     "border_context": False,
     "partial_known": False,
+    "skip_empty": False,
     "temperature": 1.0,
     "min_p": 0.0,
     "conditions": [],

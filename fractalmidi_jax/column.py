@@ -29,7 +29,7 @@ from fractalmidi_jax import grid as grid_lib
 from fractalmidi_jax.ar import ARLevel
 from fractalmidi_jax.config import Config
 from fractalmidi_jax.layers import embedding_init
-from fractalmidi_jax.level import LevelTrunk
+from fractalmidi_jax.level import HandDown, LevelTrunk
 
 
 def column_mask(num_conds: int, rows: int, cols: int) -> np.ndarray:
@@ -85,11 +85,19 @@ class ColumnLevel(nnx.Module):
         order_rng,
         dropout_rng,
         known_NxLxP=None,
-    ):
+        nonempty_NxL=None,
+    ) -> HandDown:
         """A random budget of the patches hands down; every patch is visible to its children."""
         h_NxTxD = self.predict(cells_NxLxP, conds_NxCxE, border, col_offset_N, dropout_rng, known_NxLxP)
         return self.trunk.hand_down_a_random_budget(
-            h_NxTxD, count_N, budget, self.handoff_neighbours, num_out, order_rng, self.trunk.num_conds
+            h_NxTxD,
+            count_N,
+            budget,
+            self.handoff_neighbours,
+            num_out,
+            order_rng,
+            nonempty_NxL,
+            self.trunk.num_conds,
         )
 
     def generate(self, sampler, k, grid, conds, cells, known, border, num_out, rng, col_offset_N=None):

@@ -60,6 +60,13 @@ class Config:
     mask_ratio_scale: float = 0.5  # see mask_ratio_loc
     border_context: bool = True  # each patch below level 0 also sees the cells left of its border
     partial_known: bool = False  # partly known patches show their known cells (trained on prompts)
+    skip_empty: bool = False  # levels say which child patches are empty; only the others go down (sparse.py)
+    skip_empty_budget: float = (
+        0.35  # training, skip_empty: non-empty patches a sequence hands down, a fraction of its tokens
+    )
+    skip_empty_capacity: float = (
+        0.6  # sampling, skip_empty: slots for non-empty patches per pass, a fraction of those drawn
+    )
     conditions: tuple[str, ...] = ()  # per-bar level-0 conditions computed from the roll: chords, density
     condition_dropout: float = 0.1  # training: chance a sample loses all its conditions, and each alone
     token_budget: float = 0.0  # tokens passed down per sequence, as a fraction (0 = the mean mask ratio)
@@ -193,6 +200,14 @@ class Config:
         errors += self._condition_errors()
         if self.seed < 0:
             errors.append(f"seed={self.seed} must not be negative")
+        for name in ("skip_empty_budget", "skip_empty_capacity"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                errors.append(f"{name}={getattr(self, name)} must be in (0, 1]: it is a fraction of patches")
+        if self.skip_empty and self.partial_known:
+            errors.append(
+                "skip_empty and partial_known cannot be combined yet (a partly known patch has no single "
+                "emptiness to score); turn one off"
+            )
         if not 0.0 <= self.token_budget <= 1.0:
             errors.append(f"token_budget={self.token_budget} must be in [0, 1] (0 = the mean mask ratio)")
         if self.mask_ratio_scale <= 0:

@@ -15,6 +15,9 @@ Loss (one static shape per run):
     over reached cells.
 With `conditions`, level 0's columns also carry each bar's condition vector, computed from the
 roll itself and dropped at random in training (conditions.py).
+With `skip_empty` (sparse.py), the levels above the last generator level hand down non-empty
+patches only, and the loss adds, for every patch they predict, the cross-entropy of whether it
+is empty (exact: no budget), with the weight of its sequence.
 
 Partial masks (`partial_known`, training only): some samples are given the cells outside a
 region to write, as a prompt or an inpainting surrounding would be (masking.train_known_cells).
@@ -32,7 +35,7 @@ from flax import nnx
 
 from fractalmidi_jax import conditions as conditions_lib
 from fractalmidi_jax import grid as grid_lib
-from fractalmidi_jax import masking
+from fractalmidi_jax import masking, sparse
 from fractalmidi_jax import roll as roll_lib
 from fractalmidi_jax.ar import ARLevel
 from fractalmidi_jax.column import ColumnLevel
@@ -86,9 +89,12 @@ def tokens_per_level(config: Config, width: int) -> list[int]:
 
 
 def budgets(config: Config, width: int) -> list[int]:
+    """K_k: tokens a sequence of level k hands down (with skip_empty, non-empty ones: sparse.py)."""
     return [
-        masking.token_budget(n, config.token_budget, config.mask_ratio_loc, config.mask_ratio_scale)
-        for n in tokens_per_level(config, width)
+        sparse.budget(n, config.skip_empty_budget)
+        if config.skip_empty and k < config.num_levels - 1
+        else masking.token_budget(n, config.token_budget, config.mask_ratio_loc, config.mask_ratio_scale)
+        for k, n in enumerate(tokens_per_level(config, width))
     ]
 
 
@@ -155,7 +161,7 @@ def fractal_loss(model: FractalModel, config: Config, batch: dict, rng, train: b
             )
         col_offset = ConditionedColumns(col_offset, model.conditions(features, given))
     conds = border = None
-    stats = {}
+    stats, empty_nats = {}, {}
     for k, (level, level_rng) in enumerate(
         zip(model.levels, jax.random.split(rng_levels, config.num_levels))
     ):
@@ -164,7 +170,8 @@ def fractal_loss(model: FractalModel, config: Config, batch: dict, rng, train: b
         count_N = counts[k][index].reshape(-1)
         last = k == config.num_levels - 1
         num_out = 1 if last else NUM_HANDOFF_CONDS
-        index_NxK, weight_NxK, handed_down, visible_NxL = level.train(
+        nonempty_NxL = ~sparse.is_empty(cells) if config.skip_empty else None
+        out = level.train(
             cells,
             conds,
             border,
@@ -175,17 +182,29 @@ def fractal_loss(model: FractalModel, config: Config, batch: dict, rng, train: b
             order_rng,
             dropout_rng if train else None,
             known_NxLxP=known,
+            nonempty_NxL=nonempty_NxL,
         )
+        handed_from_N = count_N
+        if out.empty_logits_NxL is not None:  # skip_empty: every predicted patch's emptiness, exactly
+            scored_NxL = out.predicted_NxL & jnp.any(in_roll, axis=-1)
+            bce_NxL = optax.sigmoid_binary_cross_entropy(
+                out.empty_logits_NxL, (~nonempty_NxL).astype(jnp.float32)
+            )
+            empty_nats[k] = jnp.sum(weight[:, None] * jnp.where(scored_NxL, bce_NxL, 0.0))
+            handed_from_N = jnp.sum(out.predicted_NxL & nonempty_NxL, axis=1)
         stats[f"level_{k}/masked_fraction"] = jnp.mean(count_N) / num_tokens[k]
-        stats[f"level_{k}/budget_dropped"] = jnp.mean(jnp.maximum(count_N - level_budgets[k], 0) / count_N)
-        weight = (weight[:, None] * weight_NxK).reshape(-1)
+        stats[f"level_{k}/budget_dropped"] = jnp.mean(
+            jnp.maximum(handed_from_N - level_budgets[k], 0) / jnp.maximum(handed_from_N, 1)
+        )
+        weight = (weight[:, None] * out.weight_NxK).reshape(-1)
+        index_NxK, visible_NxL = out.index_NxK, out.visible_NxL
         if config.border_context and not last:
             grid = level.trunk.grid(num_tokens[k] // level.trunk.rows)
             borders = level.trunk.child_borders(cells, visible_NxL, border, grid, known)
             border = gather_borders(borders, index_NxK)
         side, child_patch = sizes[k + 1], sizes[min(k + 2, len(sizes) - 1)]
         cells, in_roll, known = (_hand_down(x, index_NxK, side, child_patch) for x in (cells, in_roll, known))
-        conds = handed_down.reshape((-1,) + handed_down.shape[2:])
+        conds = out.conds_NxKxOxD.reshape((-1,) + out.conds_NxKxOxD.shape[2:])
         col_offset = None
     target_N = cells.reshape(-1)
     logits = model.head.logits(conds[:, 0])
@@ -193,8 +212,10 @@ def fractal_loss(model: FractalModel, config: Config, batch: dict, rng, train: b
     weight = weight * (in_roll & ~known).reshape(-1)
     reached_per_level = _reached(counts)
     reached = jnp.sum(reached_per_level[-1] * sample_weight) * (width / full_width)
-    loss = jnp.sum(weight * cross_entropy) / reached
+    loss = (jnp.sum(weight * cross_entropy) + sum(empty_nats.values())) / reached
     sounding = target_N > 0
+    for k, nats in empty_nats.items():
+        stats[f"level_{k}/empty_loss"] = nats / reached
     stats["loss"] = loss
     stats["reached_cells"] = reached
     stats["loss_sounding_cells"] = jnp.sum(jnp.where(sounding, weight * cross_entropy, 0)) / reached

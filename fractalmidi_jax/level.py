@@ -34,7 +34,7 @@ import numpy as np
 from flax import nnx
 
 from fractalmidi_jax import grid as grid_lib
-from fractalmidi_jax import masking
+from fractalmidi_jax import masking, sparse
 from fractalmidi_jax import roll as roll_lib
 from fractalmidi_jax.config import Config
 from fractalmidi_jax.layers import Transformer, dense, embedding_init
@@ -47,6 +47,20 @@ class Border(NamedTuple):
 
     cells: jax.Array
     known: jax.Array
+
+
+class HandDown(NamedTuple):
+    """What a level's `train` returns: the K tokens each sequence hands down, with their
+    Horvitz-Thompson weights and conditions; the tokens their children may see; and with
+    skip_empty (sparse.py) the emptiness logits of every token (None without) and which tokens
+    the level predicts (its hidden ones for MAR, all for AR and column), whose logits are scored."""
+
+    index_NxK: jax.Array
+    weight_NxK: jax.Array
+    conds_NxKxOxD: jax.Array
+    visible_NxL: jax.Array
+    empty_logits_NxL: jax.Array | None
+    predicted_NxL: jax.Array
 
 
 class ConditionedColumns(NamedTuple):
@@ -87,6 +101,10 @@ class LevelTrunk(nnx.Module):
         self.partial_known = config.partial_known
         if self.partial_known:
             self.known_embed = dense(self.patch * self.patch * (channels + 1), width, self.dtype, rngs)
+        self.skips_empty = config.skip_empty and level < config.num_levels - 1
+        if self.skips_empty:
+            self.empty_head = sparse.EmptyHead(width, rngs)
+            self.skip_budget = config.skip_empty_budget
         self.cond_pos = nnx.Param(embedding_init(rngs.params(), (self.num_conds, width)))
         self.row_pos = nnx.Param(embedding_init(rngs.params(), (self.rows, width)))
         self.col_pos = nnx.Param(embedding_init(rngs.params(), (self.max_cols, width)))
@@ -164,16 +182,46 @@ class LevelTrunk(nnx.Module):
         conds = grid_lib.gather_tokens(h_NxTxD, flat_index).reshape(n, k, o, -1)
         return jnp.where((source_NxKxO >= 0)[..., None], conds, 0).astype(conds.dtype)
 
-    def hand_down_a_random_budget(self, h_NxTxD, count_N, budget, neighbours, num_out, order_rng, offset=0):
-        """`train`'s results for a level that predicts every patch (AR, column): a random budget
-        of the patches hands down, weighted as masking.budget_weights says, and every patch is
-        visible to its children. Token t's output is h[:, offset + t]."""
-        n, num_tokens = count_N.shape[0], h_NxTxD.shape[1] - offset
-        index_NxK = masking.random_orders(order_rng, n, num_tokens)[:, :budget]
+    def hand_down(
+        self,
+        h_NxTxD,
+        order_NxL,
+        count_N,
+        predicted_NxL,
+        visible_NxL,
+        budget,
+        neighbours,
+        num_out,
+        nonempty_NxL,
+        offset,
+    ) -> HandDown:
+        """`train`'s results: the first `budget` tokens of the random order hand down (a level puts
+        the count_N tokens it predicts first), weighted as masking.budget_weights says; with
+        skip_empty only the non-empty predicted tokens (`nonempty_NxL`: the true patches'), as
+        sparse.nonempty_first says. Token t's output is h[:, offset + t]."""
+        num_tokens = order_NxL.shape[1]
+        empty_logits = None
+        if self.skips_empty:
+            order_NxL, count_N = sparse.nonempty_first(order_NxL, predicted_NxL & nonempty_NxL, budget)
+            empty_logits = self.empty_head(h_NxTxD[:, offset : offset + num_tokens])
+        index_NxK = order_NxL[:, :budget]
         conds = self.handoff(
             h_NxTxD, index_NxK, self.grid(num_tokens // self.rows), neighbours, num_out, offset
         )
-        return index_NxK, masking.budget_weights(count_N, budget), conds, jnp.ones((n, num_tokens), bool)
+        weights = masking.budget_weights(count_N, budget)
+        return HandDown(index_NxK, weights, conds, visible_NxL, empty_logits, predicted_NxL)
+
+    def hand_down_a_random_budget(
+        self, h_NxTxD, count_N, budget, neighbours, num_out, order_rng, nonempty_NxL=None, offset=0
+    ) -> HandDown:
+        """`train`'s results for a level that predicts every patch (AR, column): a random budget
+        of the patches hands down, and every patch is visible to its children."""
+        n, num_tokens = count_N.shape[0], h_NxTxD.shape[1] - offset
+        order_NxL = masking.random_orders(order_rng, n, num_tokens)
+        every = jnp.ones((n, num_tokens), bool)
+        return self.hand_down(
+            h_NxTxD, order_NxL, count_N, every, every, budget, neighbours, num_out, nonempty_NxL, offset
+        )
 
     def child_borders(
         self, cells_NxLxP, visible_NxL, border: Border | None, grid: grid_lib.Grid, known_NxLxP=None

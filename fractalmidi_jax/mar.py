@@ -21,7 +21,7 @@ from fractalmidi_jax import masking
 from fractalmidi_jax.config import Config
 from fractalmidi_jax.grid import NEIGHBOURS
 from fractalmidi_jax.layers import embedding_init
-from fractalmidi_jax.level import LevelTrunk
+from fractalmidi_jax.level import HandDown, LevelTrunk
 
 
 class MARLevel(nnx.Module):
@@ -70,10 +70,11 @@ class MARLevel(nnx.Module):
         order_rng,
         dropout_rng,
         known_NxLxP=None,
-    ):
-        """Returns (index_NxK, weight_NxK, conds_NxKxOxD) of the tokens handed down and
-        visible_NxL, the tokens their children may see. Hidden tokens are drawn as without known
-        cells (so the budget weights hold); a hidden token shows its known cells (partial_known)."""
+        nonempty_NxL=None,
+    ) -> HandDown:
+        """The hidden tokens are the first count_N of a random order, and hand down; the visible
+        ones are what their children may see. Hidden tokens are drawn as without known cells (so
+        the budget weights hold); a hidden token shows its known cells (partial_known)."""
         n, num_tokens, _ = cells_NxLxP.shape
         order_NxL = masking.random_orders(order_rng, n, num_tokens)
         rank_NxL = jnp.argsort(order_NxL, axis=-1)
@@ -81,12 +82,18 @@ class MARLevel(nnx.Module):
         h_NxTxD = self.predict(
             cells_NxLxP, hidden_NxL, conds_NxCxE, border, col_offset_N, dropout_rng, known_NxLxP
         )
-        index_NxK = order_NxL[:, :budget]
-        grid = self.trunk.grid(num_tokens // self.trunk.rows)
-        conds = self.trunk.handoff(
-            h_NxTxD, index_NxK, grid, self.handoff_neighbours, num_out, offset=self.trunk.num_conds
+        return self.trunk.hand_down(
+            h_NxTxD,
+            order_NxL,
+            count_N,
+            hidden_NxL,
+            ~hidden_NxL,
+            budget,
+            self.handoff_neighbours,
+            num_out,
+            nonempty_NxL,
+            self.trunk.num_conds,
         )
-        return index_NxK, masking.budget_weights(count_N, budget), conds, ~hidden_NxL
 
     def generate(self, sampler, k, grid, conds, cells, known, border, num_out, rng, col_offset_N=None):
         """Fills the hidden tokens of `cells` (N x L x P) round by round; `sampler.children`

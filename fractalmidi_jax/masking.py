@@ -70,9 +70,9 @@ def token_budget(num_tokens: int, fraction: float, loc: float, scale: float) -> 
 
 def budget_weights(count_N, budget: int):
     """Horvitz-Thompson weights of the K budget slots: count / min(count, K) where the slot
-    holds a hidden token, 0 where it is empty."""
+    holds a hidden token, 0 where it is empty (every slot, when count is 0)."""
     slots_K = jnp.arange(budget)
-    kept_N = jnp.minimum(count_N, budget)
+    kept_N = jnp.maximum(jnp.minimum(count_N, budget), 1)
     valid_NxK = slots_K[None, :] < count_N[:, None]
     return jnp.where(valid_NxK, (count_N / kept_N)[:, None], 0.0).astype(jnp.float32)
 

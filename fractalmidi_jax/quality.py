@@ -8,8 +8,8 @@ Any further flag is a training flag (config.py); the samples use its num_iter_li
 temperature gets its own samples and column in the table (the sampling temperature is tuned here,
 on val_data, never on a test set). `--reference` defaults to the config's
 val_data; the NLL is scored on it too (the original's estimator, evaluate nll). The sampling
-time is of 16 pieces of 128 x 512 with the trained model's architecture, as
-`python -m fractalmidi_jax.bench` measures it.
+time is of 16 pieces of 128 x 512 with the trained weights, as `python -m fractalmidi_jax.bench`
+measures it.
 """
 
 import argparse
@@ -62,7 +62,10 @@ def main(argv=None) -> None:
         )
         by_temperature[temperature] = (music, generated)
     nll = evaluate.nll(checkpoint, reference, crop_length=width, cache_dir=config.cache_dir)
-    timing = None if args.no_timing else bench.bench_sample(config, 16, 512, config.num_iter_list, 5)
+    timing = None
+    if not args.no_timing:
+        trained = generation.load_model(checkpoint)
+        timing = bench.bench_sample(trained[0], 16, 512, config.num_iter_list, 5, params=trained[2])
 
     print(f"\n{config.roll} roll, levels {'/'.join(config.generator_types)}, rounds {config.num_iter_list}")
     print(f"training {train_minutes:.1f} min; {args.num_samples} samples of {width} steps vs {reference}")

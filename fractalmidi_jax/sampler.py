@@ -18,6 +18,9 @@ scale S (`guided`) draws every cell from (1 - S) uncond + S cond logits: the who
 twice under `vmap`, once with the asked conditions and once with none, on one canvas (both runs
 draw with the same keys from the same logits, so they write the same cells). Guiding at the
 head is the exact CFG of the cell distribution; it costs twice the sampling compute.
+
+With `skip_empty` (sparse.py), a level first draws which of the patches it hands down are empty
+(guided like the cells); only the others reach the level below, packed into fixed slots.
 """
 
 import functools
@@ -29,8 +32,10 @@ from flax import nnx
 
 from fractalmidi_jax import conditions as conditions_lib
 from fractalmidi_jax import grid as grid_lib
+from fractalmidi_jax import sparse
 from fractalmidi_jax.config import NUM_PITCHES, Config
 from fractalmidi_jax.fractal import FractalModel, build_model, padded_width
+from fractalmidi_jax.head import draw
 from fractalmidi_jax.level import NUM_HANDOFF_CONDS, ConditionedColumns, gather_borders, sampling_offsets
 
 GUIDANCE_AXIS = "guidance"  # the vmap axis of guided sampling: 0 = with the conditions, 1 = without
@@ -78,23 +83,45 @@ class _Sampler:
         return (1.0 - self.cfg) * uncond + self.cfg * cond
 
     def children(self, k, conds_NxKxOxD, cells_NxKxP, known_NxKxP, borders, rng):
-        """Fills the given patches with level k + 1 (or the head)."""
+        """Fills the given patches with level k + 1 (or the head); with skip_empty, only those
+        drawn non-empty (`skip_empty`)."""
         n, count = cells_NxKxP.shape[:2]
         flat = lambda x: x.reshape((n * count,) + x.shape[2:])
         if k == self.config.num_levels - 1:
             drawn = self.model.head.sample(flat(conds_NxKxOxD)[:, 0], rng, self.sampling, self.guide)
             out = jnp.where(flat(known_NxKxP)[:, 0], flat(cells_NxKxP)[:, 0], drawn)
-        else:
-            side = self.config.img_size_list[k + 1]
-            out = self.level(
-                k + 1,
-                flat(conds_NxKxOxD),
-                flat(cells_NxKxP).reshape(-1, side, side),
-                flat(known_NxKxP).reshape(-1, side, side),
-                borders,
-                rng,
-            )
+            return out.reshape(n, count, -1)
+        side = self.config.img_size_list[k + 1]
+
+        def fill(inputs, key):
+            conds, cells, known, borders = inputs
+            square = lambda x: x.reshape(-1, side, side)
+            out = self.level(k + 1, conds, square(cells), square(known), borders, key)
+            return out.reshape(conds.shape[0], -1)
+
+        inputs = (flat(conds_NxKxOxD), flat(cells_NxKxP), flat(known_NxKxP), borders)
+        out = (
+            self.skip_empty(k, fill, inputs, rng)
+            if self.model.levels[k].trunk.skips_empty
+            else fill(inputs, rng)
+        )
         return out.reshape(n, count, -1)
+
+    def skip_empty(self, k, fill, inputs, rng):
+        """Draws the emptiness of M patches (level k's empty head, guided and drawn as cells are;
+        a patch with a known sounding cell is not empty) and fills only the non-empty ones, in
+        passes of a fixed number of slots (sparse.fill_nonempty); an empty patch is silence."""
+        conds_MxOxD, cells_MxP, known_MxP, _ = inputs
+        empty_rng, fill_rng = jax.random.split(rng)
+        logit_M = self.model.levels[k].trunk.empty_head(conds_MxOxD[:, 0])
+        empty_M = (
+            draw(self.guide(jnp.stack([jnp.zeros_like(logit_M), logit_M], -1)), empty_rng, self.sampling) == 1
+        )
+        empty_M &= ~jnp.any(known_MxP & (cells_MxP > 0), axis=-1)
+        slots = sparse.capacity(len(empty_M), self.config.skip_empty_capacity)
+        return sparse.fill_nonempty(
+            fill, ~empty_M, inputs, slots, jnp.where(known_MxP, cells_MxP, 0), fill_rng
+        )
 
 
 def sample(

@@ -47,6 +47,7 @@ ARCHITECTURE_FIELDS = (
     "roll",
     "border_context",
     "partial_known",
+    "skip_empty",
     "img_size_list",
     "embed_dim_list",
     "num_blocks_list",

@@ -507,6 +507,85 @@ def test_budgeted_loss_is_unbiased():
         assert abs(mean - wrong_mean) > 4 * math.hypot(se, wrong_se), report
 
 
+# --- skip_empty: the sparse hand-off (sparse.py) ---
+
+
+def busy_roll(width=16):
+    """Five of the eight 16 x 16 patches sound, so a budget of 3 non-empty slots drops some."""
+    roll = np.zeros((1, 128, width), np.uint8)
+    for low, high, start, velocity in (
+        (20, 23, 2, 70),
+        (60, 64, 0, 90),
+        (67, 68, 4, 40),
+        (85, 88, 9, 100),
+        (100, 103, 5, 60),
+    ):
+        roll[0, low:high, start : start + 5] = velocity
+    return roll
+
+
+def test_skip_empty_budget_keeps_the_loss_unbiased(monkeypatch):
+    """With skip_empty, the mean of fractal_loss with a budget of 3 non-empty level-0 patches (of
+    5) equals its mean when every non-empty patch goes down, within 4 standard errors; the same
+    budget without its Horvitz-Thompson weights is rejected."""
+    width = 16
+    common = dict(crop_length=width, max_crop_length=width, border_context=False, skip_empty=True)
+    config, full = tiny(**common, skip_empty_budget=0.35), tiny(**common, skip_empty_budget=1.0)
+    assert budgets(config, width)[:2] == [3, 6] and budgets(full, width)[:2] == [8, 16]
+    graphdef, params = nnx.split(sensitive_model(config))
+    roll, draws = busy_roll(width), keys(UNBIASED_DRAWS, seed=2)
+
+    def mean_loss(cfg):
+        losses = losses_fn(graphdef, cfg)
+        return mean_and_se(
+            np.concatenate(
+                [losses(params, roll, draws[i : i + 250])[0] for i in range(0, UNBIASED_DRAWS, 250)]
+            )
+        )
+
+    (budgeted, se), (exact, exact_se) = mean_loss(config), mean_loss(full)
+    report = f"budgeted {budgeted:.4f} +- {se:.4f}, every non-empty patch {exact:.4f} +- {exact_se:.4f}"
+    assert abs(budgeted - exact) < 4 * math.hypot(se, exact_se), report
+    valid_slots = lambda count_N, budget: (jnp.arange(budget)[None, :] < count_N[:, None]).astype(jnp.float32)
+    monkeypatch.setattr(masking, "budget_weights", valid_slots)
+    losses_fn.cache_clear()
+    unweighted, unweighted_se = mean_loss(config)
+    losses_fn.cache_clear()
+    report += f", unweighted {unweighted:.4f} +- {unweighted_se:.4f}"
+    print(report)
+    assert abs(unweighted - exact) > 4 * math.hypot(unweighted_se, exact_se), report
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_skip_empty_scores_every_predicted_patch_emptiness_exactly(train):
+    """A silent roll costs exactly -log p(empty) per level-0 token the level predicts and nothing
+    else (no cell goes down), in training and in the NLL (eval) alike; a sounding bar adds the
+    lower levels' terms."""
+    config = tiny(skip_empty=True)
+    model = build_model(config)
+    logit = 1.5
+    head = model.levels[0].trunk.empty_head.proj
+    head.kernel[...] = jnp.zeros_like(head.kernel[...])
+    head.bias[...] = jnp.full_like(head.bias[...], logit)
+    graphdef, params = nnx.split(model)
+    silent = np.zeros((2, 128, config.crop_length), np.uint8)
+
+    @jax.jit
+    def loss_and_stats(params, roll, key):
+        return fractal_loss(nnx.merge(graphdef, params), config, {"roll": roll}, key, train)
+
+    for key in keys(5, seed=3):
+        loss, stats = loss_and_stats(params, silent, key)
+        hidden_tokens = float(stats["level_0/tokens_per_sample"]) * len(silent)
+        expected = hidden_tokens * float(jax.nn.softplus(-logit))
+        np.testing.assert_allclose(float(loss) * float(stats["reached_cells"]), expected, rtol=1e-5)
+        np.testing.assert_allclose(float(stats["level_0/empty_loss"]), float(loss), rtol=1e-6)
+    sounding = silent.copy()
+    sounding[:, :, 0:16] = 100  # every level-0 patch of the first bar sounds
+    loss, stats = loss_and_stats(params, sounding, keys(1, seed=4)[0])
+    assert float(stats["level_1/empty_loss"]) > 0 and float(loss) > float(stats["level_0/empty_loss"])
+
+
 # --- positions and wide rolls ---
 
 
