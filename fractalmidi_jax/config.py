@@ -61,12 +61,8 @@ class Config:
     border_context: bool = True  # each patch below level 0 also sees the cells left of its border
     partial_known: bool = False  # partly known patches show their known cells (trained on prompts)
     skip_empty: bool = False  # levels say which child patches are empty; only the others go down (sparse.py)
-    skip_empty_budget: float = (
-        0.35  # training, skip_empty: non-empty patches a sequence hands down, a fraction of its tokens
-    )
-    skip_empty_capacity: float = (
-        0.6  # sampling, skip_empty: slots for non-empty patches per pass, a fraction of those drawn
-    )
+    skip_empty_budget: float = 0.35  # skip_empty, training: non-empty patches handed down, of all tokens
+    skip_empty_capacity: float = 0.6  # skip_empty, sampling: slots per pass, of the patches drawn
     conditions: tuple[str, ...] = ()  # per-bar level-0 conditions computed from the roll: chords, density
     condition_dropout: float = 0.1  # training: chance a sample loses all its conditions, and each alone
     token_budget: float = 0.0  # tokens passed down per sequence, as a fraction (0 = the mean mask ratio)
