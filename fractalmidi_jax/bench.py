@@ -239,7 +239,9 @@ def main(argv=None):
     parser.add_argument(
         "--faithful", action="store_true", help="the FractalMIDI-faithful model (all MAR, velocity roll)"
     )
-    parser.add_argument("--skip_empty", action="store_true", help="levels skip empty patches (sparse.py)")
+    parser.add_argument(
+        "--skip_empty", type=int, default=0, help="levels, from level 0, that skip empty patches (sparse.py)"
+    )
     parser.add_argument(
         "--checkpoint", default="", help="sampling cases time this checkpoint's model and weights"
     )

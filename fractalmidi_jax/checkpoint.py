@@ -72,7 +72,7 @@ FIELDS_BEFORE_THEY_EXISTED = {
     "roll": "velocity",
     "border_context": False,
     "partial_known": False,
-    "skip_empty": False,
+    "skip_empty": 0,
     "temperature": 1.0,
     "min_p": 0.0,
     "conditions": [],

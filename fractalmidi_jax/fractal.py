@@ -15,8 +15,7 @@ Loss (one static shape per run):
     over reached cells.
 With `conditions`, level 0's columns also carry each bar's condition vector, computed from the
 roll itself and dropped at random in training (conditions.py).
-With `skip_empty` (sparse.py), the levels above the last generator level hand down non-empty
-patches only, and the loss adds, for every patch they predict, the cross-entropy of whether it
+With `skip_empty` (sparse.py), the first `skip_empty` levels hand down non-empty patches only, and the loss adds, for every patch they predict, the cross-entropy of whether it
 is empty (exact: no budget), with the weight of its sequence.
 
 Partial masks (`partial_known`, training only): some samples are given the cells outside a
@@ -92,7 +91,7 @@ def budgets(config: Config, width: int) -> list[int]:
     """K_k: tokens a sequence of level k hands down (with skip_empty, non-empty ones: sparse.py)."""
     return [
         sparse.budget(n, config.skip_empty_budget)
-        if config.skip_empty and k < config.num_levels - 1
+        if k < config.skip_empty
         else masking.token_budget(n, config.token_budget, config.mask_ratio_loc, config.mask_ratio_scale)
         for k, n in enumerate(tokens_per_level(config, width))
     ]
@@ -170,7 +169,7 @@ def fractal_loss(model: FractalModel, config: Config, batch: dict, rng, train: b
         count_N = counts[k][index].reshape(-1)
         last = k == config.num_levels - 1
         num_out = 1 if last else NUM_HANDOFF_CONDS
-        nonempty_NxL = ~sparse.is_empty(cells) if config.skip_empty else None
+        nonempty_NxL = ~sparse.is_empty(cells) if k < config.skip_empty else None
         out = level.train(
             cells,
             conds,

@@ -101,7 +101,7 @@ class LevelTrunk(nnx.Module):
         self.partial_known = config.partial_known
         if self.partial_known:
             self.known_embed = dense(self.patch * self.patch * (channels + 1), width, self.dtype, rngs)
-        self.skips_empty = config.skip_empty and level < config.num_levels - 1
+        self.skips_empty = level < config.skip_empty
         if self.skips_empty:
             self.empty_head = sparse.EmptyHead(width, rngs)
             self.skip_budget = config.skip_empty_budget

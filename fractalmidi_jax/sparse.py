@@ -1,8 +1,11 @@
 """Skipping silence (`skip_empty`): most patches of a piano roll are empty (59% of POP909's
 16 x 16 patches, 82% of its 4 x 4s), and the levels below level 0 cost most of a step. With
-`skip_empty`, every level that hands down to another generator level also says, from each patch
-token's output, whether that patch is empty (one logit, `EmptyHead`), and only non-empty patches
-go down.
+`skip_empty` S, each of the first S levels also says, from each patch token's output, whether
+that patch is empty (one logit, `EmptyHead`), and only non-empty patches go down: 1 skips empty
+bars (16 x 16), 2 empty 4 x 4s as well (the last generator level cannot skip: its patches are
+cells). Skipping 4 x 4s costs music (README, Configs and sizes): the level that draws a patch
+known to be non-empty draws the cells of a time column in parallel, each pushed towards a note,
+so it writes extra short notes; skipping bars only does not.
 
 Likelihood: an empty patch costs -log p(empty); a non-empty one -log p(not empty) plus what the
 levels below score for its cells. The emptiness terms are exact (one logit per token the level

@@ -532,7 +532,7 @@ def test_skip_empty_budget_keeps_the_loss_unbiased(monkeypatch):
     5) equals its mean when every non-empty patch goes down, within 4 standard errors; the same
     budget without its Horvitz-Thompson weights is rejected."""
     width = 16
-    common = dict(crop_length=width, max_crop_length=width, border_context=False, skip_empty=True)
+    common = dict(crop_length=width, max_crop_length=width, border_context=False, skip_empty=2)
     config, full = tiny(**common, skip_empty_budget=0.35), tiny(**common, skip_empty_budget=1.0)
     assert budgets(config, width)[:2] == [3, 6] and budgets(full, width)[:2] == [8, 16]
     graphdef, params = nnx.split(sensitive_model(config))
@@ -562,7 +562,7 @@ def test_skip_empty_scores_every_predicted_patch_emptiness_exactly(train):
     """A silent roll costs exactly -log p(empty) per level-0 token the level predicts and nothing
     else (no cell goes down), in training and in the NLL (eval) alike; a sounding bar adds the
     lower levels' terms."""
-    config = tiny(skip_empty=True)
+    config = tiny(skip_empty=2)
     model = build_model(config)
     logit = 1.5
     head = model.levels[0].trunk.empty_head.proj

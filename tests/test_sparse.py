@@ -68,9 +68,11 @@ def test_fill_nonempty_runs_no_pass_when_every_patch_is_empty():
 
 def test_skip_empty_cannot_be_combined_with_partial_known_and_takes_fractions():
     with pytest.raises(ConfigError, match="skip_empty and partial_known"):
-        tiny(skip_empty=True, partial_known=True)
+        tiny(skip_empty=1, partial_known=True)
+    with pytest.raises(ConfigError, match="skip_empty=3 must be in 0..2"):
+        tiny(skip_empty=3)
     with pytest.raises(ConfigError, match="skip_empty_capacity"):
-        tiny(skip_empty=True, skip_empty_capacity=0.0)
+        tiny(skip_empty=2, skip_empty_capacity=0.0)
     with pytest.raises(ConfigError, match="skip_empty_budget"):
         tiny(skip_empty_budget=1.5)
 
@@ -90,7 +92,7 @@ def test_sampler_skips_empty_patches_and_fills_the_others_through_overflow_passe
     overflows): patches said empty come back silent, except one holding a known sounding cell,
     which is filled and keeps its known cells; patches said non-empty are all filled by the head
     (an untrained head sounds almost every cell)."""
-    config = tiny(skip_empty=True, skip_empty_capacity=1e-6, generator_types=("mar", "column", "column"))
+    config = tiny(skip_empty=2, skip_empty_capacity=1e-6, generator_types=("mar", "column", "column"))
     cells, known = sampler_lib.unconditional_inputs(2, config.crop_length)
     cells[:, 40, 3], known[:, 40, 3] = 90, True
     run = sampler_lib.make_sampler(config, (2, 2, 2, 1))
