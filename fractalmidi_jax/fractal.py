@@ -15,8 +15,9 @@ Loss (one static shape per run):
     over reached cells.
 With `conditions`, level 0's columns also carry each bar's condition vector, computed from the
 roll itself and dropped at random in training (conditions.py).
-With `skip_empty` (sparse.py), the first `skip_empty` levels hand down non-empty patches only, and the loss adds, for every patch they predict, the cross-entropy of whether it
-is empty (exact: no budget), with the weight of its sequence.
+With `skip_empty` (sparse.py), the first `skip_empty` levels hand down non-empty patches only,
+and the loss adds, for every patch they predict, the cross-entropy of whether it is empty
+(exact: no budget), with the weight of its sequence.
 
 Partial masks (`partial_known`, training only): some samples are given the cells outside a
 region to write, as a prompt or an inpainting surrounding would be (masking.train_known_cells).

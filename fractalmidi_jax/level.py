@@ -104,7 +104,6 @@ class LevelTrunk(nnx.Module):
         self.skips_empty = level < config.skip_empty
         if self.skips_empty:
             self.empty_head = sparse.EmptyHead(width, rngs)
-            self.skip_budget = config.skip_empty_budget
         self.cond_pos = nnx.Param(embedding_init(rngs.params(), (self.num_conds, width)))
         self.row_pos = nnx.Param(embedding_init(rngs.params(), (self.rows, width)))
         self.col_pos = nnx.Param(embedding_init(rngs.params(), (self.max_cols, width)))
