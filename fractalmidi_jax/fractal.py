@@ -91,7 +91,7 @@ def tokens_per_level(config: Config, width: int) -> list[int]:
 def budgets(config: Config, width: int) -> list[int]:
     """K_k: tokens a sequence of level k hands down (with skip_empty, non-empty ones: sparse.py)."""
     return [
-        sparse.budget(n, config.skip_empty_budget)
+        masking.share(n, config.skip_empty_budget)
         if k < config.skip_empty
         else masking.token_budget(n, config.token_budget, config.mask_ratio_loc, config.mask_ratio_scale)
         for k, n in enumerate(tokens_per_level(config, width))

@@ -62,10 +62,14 @@ def random_orders(rng, num_sequences: int, num_tokens: int):
     return jnp.argsort(jax.random.uniform(rng, (num_sequences, num_tokens)), axis=-1).astype(jnp.int32)
 
 
+def share(num_tokens: int, fraction: float) -> int:
+    """ceil(fraction x L) slots: at least one, at most L."""
+    return max(1, min(num_tokens, math.ceil(fraction * num_tokens)))
+
+
 def token_budget(num_tokens: int, fraction: float, loc: float, scale: float) -> int:
     """Tokens passed down per sequence: `fraction` of L, or the mean mask ratio when 0."""
-    fraction = fraction or min(1.0, mean_mask_ratio(loc, scale))
-    return max(1, min(num_tokens, math.ceil(fraction * num_tokens)))
+    return share(num_tokens, fraction or min(1.0, mean_mask_ratio(loc, scale)))
 
 
 def budget_weights(count_N, budget: int):

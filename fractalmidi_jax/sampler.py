@@ -32,7 +32,7 @@ from flax import nnx
 
 from fractalmidi_jax import conditions as conditions_lib
 from fractalmidi_jax import grid as grid_lib
-from fractalmidi_jax import sparse
+from fractalmidi_jax import masking, sparse
 from fractalmidi_jax.config import NUM_PITCHES, Config
 from fractalmidi_jax.fractal import FractalModel, build_model, padded_width
 from fractalmidi_jax.head import draw
@@ -117,11 +117,10 @@ class _Sampler:
         empty_M = (
             draw(self.guide(jnp.stack([jnp.zeros_like(logit_M), logit_M], -1)), empty_rng, self.sampling) == 1
         )
-        empty_M &= ~jnp.any(known_MxP & (cells_MxP > 0), axis=-1)
-        slots = sparse.capacity(len(empty_M), self.config.skip_empty_capacity)
-        return sparse.fill_nonempty(
-            fill, ~empty_M, inputs, slots, jnp.where(known_MxP, cells_MxP, 0), fill_rng
-        )
+        given_MxP = jnp.where(known_MxP, cells_MxP, 0)  # the known cells, silence elsewhere
+        empty_M &= sparse.is_empty(given_MxP)
+        slots = masking.share(len(empty_M), self.config.skip_empty_capacity)
+        return sparse.fill_nonempty(fill, ~empty_M, inputs, slots, given_MxP, fill_rng)
 
 
 def sample(

@@ -26,8 +26,6 @@ next ones, so every non-empty patch is filled exactly once whatever the capacity
 above the usual share of non-empty patches keeps it to one pass.
 """
 
-import math
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -50,11 +48,6 @@ def is_empty(cells_NxLxP):
     return ~jnp.any(cells_NxLxP > 0, axis=-1)
 
 
-def budget(num_tokens: int, fraction: float) -> int:
-    """Non-empty slots a sequence hands down in training."""
-    return max(1, min(num_tokens, math.ceil(fraction * num_tokens)))
-
-
 def nonempty_first(order_NxL, eligible_NxL, budget: int):
     """(index_NxK, count_N): the first `budget` eligible tokens in `order` (a random order), then
     the others in order (slots of weight 0), and how many tokens are eligible."""
@@ -62,11 +55,6 @@ def nonempty_first(order_NxL, eligible_NxL, budget: int):
     rank_NxL = jnp.argsort(~eligible_in_order, axis=1, stable=True)[:, :budget]
     count_N = jnp.sum(eligible_NxL, axis=1).astype(jnp.int32)
     return jnp.take_along_axis(order_NxL, rank_NxL, axis=1), count_N
-
-
-def capacity(num_patches: int, fraction: float) -> int:
-    """Slots of one sampler pass for `num_patches` patches."""
-    return max(1, min(num_patches, math.ceil(fraction * num_patches)))
 
 
 def fill_nonempty(fill, nonempty_M, inputs, slots: int, empty_MxP, rng):
