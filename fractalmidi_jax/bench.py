@@ -32,7 +32,9 @@ from fractalmidi_jax.head import Sampling
 PEAK_BF16_FLOPS = 989e12  # H200 dense bf16, the vendor's figure
 ALL_AR = ("ar", "ar", "ar", "ar")
 # The FractalMIDI-faithful model (--faithful): all MAR levels over the per-cell velocity roll.
-FAITHFUL = dict(roll="velocity", generator_types=("mar", "mar", "mar", "mar"), border_context=False)
+FAITHFUL = dict(
+    roll="velocity", generator_types=("mar", "mar", "mar", "mar"), border_context=False, skip_empty=0
+)
 
 # name: (kind, width, batch, precision, generator types, reference seconds per step or batch)
 CASES = {
@@ -240,7 +242,10 @@ def main(argv=None):
         "--faithful", action="store_true", help="the FractalMIDI-faithful model (all MAR, velocity roll)"
     )
     parser.add_argument(
-        "--skip_empty", type=int, default=0, help="levels, from level 0, that skip empty patches (sparse.py)"
+        "--skip_empty",
+        type=int,
+        default=Config.skip_empty,
+        help="levels, from level 0, that skip empty patches (sparse.py; 0 = none)",
     )
     parser.add_argument(
         "--checkpoint", default="", help="sampling cases time this checkpoint's model and weights"

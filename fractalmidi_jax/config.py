@@ -60,7 +60,7 @@ class Config:
     mask_ratio_scale: float = 0.5  # see mask_ratio_loc
     border_context: bool = True  # each patch below level 0 also sees the cells left of its border
     partial_known: bool = False  # partly known patches show their known cells (trained on prompts)
-    skip_empty: int = 0  # levels, from level 0, that hand down only the child patches not empty (sparse.py)
+    skip_empty: int = 1  # levels, from level 0, that hand down only the non-empty child patches (sparse.py)
     skip_empty_budget: float = 0.35  # skip_empty, training: non-empty patches handed down, of all tokens
     skip_empty_capacity: float = 0.6  # skip_empty, sampling: slots per pass, of the patches drawn
     conditions: tuple[str, ...] = ()  # per-bar level-0 conditions computed from the roll: chords, density
@@ -203,11 +203,6 @@ class Config:
             errors.append(
                 f"skip_empty={self.skip_empty} must be in 0..{max(n - 2, 0)}: a level skips empty patches only "
                 "above the last generator level (1 = bars, 2 = bars and 4 x 4s in the default sizes)"
-            )
-        if self.skip_empty and self.partial_known:
-            errors.append(
-                "skip_empty and partial_known cannot be combined yet (a partly known patch has no single "
-                "emptiness to score); turn one off"
             )
         if not 0.0 <= self.token_budget <= 1.0:
             errors.append(f"token_budget={self.token_budget} must be in [0, 1] (0 = the mean mask ratio)")

@@ -170,7 +170,7 @@ def fractal_loss(model: FractalModel, config: Config, batch: dict, rng, train: b
         count_N = counts[k][index].reshape(-1)
         last = k == config.num_levels - 1
         num_out = 1 if last else NUM_HANDOFF_CONDS
-        nonempty_NxL = ~sparse.is_empty(cells) if k < config.skip_empty else None
+        nonempty_NxL = ~sparse.is_empty(jnp.where(known, 0, cells)) if k < config.skip_empty else None
         out = level.train(
             cells,
             conds,

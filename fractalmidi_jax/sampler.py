@@ -109,8 +109,10 @@ class _Sampler:
 
     def skip_empty(self, k, fill, inputs, rng):
         """Draws the emptiness of M patches (level k's empty head, guided and drawn as cells are;
-        a patch with a known sounding cell is not empty) and fills only the non-empty ones, in
-        passes of a fixed number of slots (sparse.fill_nonempty); an empty patch is silence."""
+        a patch with a known sounding cell is not empty, except with partial_known, where
+        emptiness is of the unknown cells) and fills only the non-empty ones, in passes of a
+        fixed number of slots (sparse.fill_nonempty); an empty patch is its known cells and
+        silence."""
         conds_MxOxD, cells_MxP, known_MxP, _ = inputs
         empty_rng, fill_rng = jax.random.split(rng)
         logit_M = self.model.levels[k].trunk.empty_head(conds_MxOxD[:, 0])
@@ -118,7 +120,8 @@ class _Sampler:
             draw(self.guide(jnp.stack([jnp.zeros_like(logit_M), logit_M], -1)), empty_rng, self.sampling) == 1
         )
         given_MxP = jnp.where(known_MxP, cells_MxP, 0)  # the known cells, silence elsewhere
-        empty_M &= sparse.is_empty(given_MxP)
+        if not self.config.partial_known:  # its emptiness is the whole patch's, known cells too
+            empty_M &= sparse.is_empty(given_MxP)
         slots = masking.share(len(empty_M), self.config.skip_empty_capacity)
         return sparse.fill_nonempty(fill, ~empty_M, inputs, slots, given_MxP, fill_rng)
 

@@ -2,10 +2,12 @@
 16 x 16 patches, 82% of its 4 x 4s), and the levels below level 0 cost most of a step. With
 `skip_empty` S, each of the first S levels also says, from each patch token's output, whether
 that patch is empty (one logit, `EmptyHead`), and only non-empty patches go down: 1 skips empty
-bars (16 x 16), 2 empty 4 x 4s as well (the last generator level cannot skip: its patches are
-cells). Skipping 4 x 4s costs music (README, Configs and sizes): the level that draws a patch
-known to be non-empty draws the cells of a time column in parallel, each pushed towards a note,
-so it writes extra short notes; skipping bars only does not.
+bars (16 x 16, the default), 2 empty 4 x 4s as well (the last generator level cannot skip: its
+patches are cells). Skipping 4 x 4s costs music (README, Configs and sizes): the level that draws
+a patch known to be non-empty draws the cells of a time column in parallel, each pushed towards
+a note, so it writes extra short notes; skipping bars only does not.
+With `partial_known`, a patch's emptiness is that of its unknown cells (its known cells are
+given, not predicted), so a partly known patch is empty when all it leaves to write is silence.
 
 Likelihood: an empty patch costs -log p(empty); a non-empty one -log p(not empty) plus what the
 levels below score for its cells. The emptiness terms are exact (one logit per token the level

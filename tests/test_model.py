@@ -587,6 +587,31 @@ def test_skip_empty_scores_every_predicted_patch_emptiness_exactly(train):
     assert float(stats["level_1/empty_loss"]) > 0 and float(loss) > float(stats["level_0/empty_loss"])
 
 
+def test_skip_empty_with_partial_known_scores_the_emptiness_of_the_unknown_cells(monkeypatch):
+    """With partial_known, a patch whose sounding cells are all given is empty: what it leaves
+    to write is silence. Notes only in the given first half of the first bar cost exactly
+    -log p(empty) per predicted level-0 token, as a silent roll does."""
+    config = tiny(skip_empty=1, partial_known=True)
+    given = np.zeros((2, 128, config.crop_length), bool)
+    given[:, :, 0:8] = True
+    monkeypatch.setattr(masking, "train_known_cells", lambda rng, *shape: jnp.asarray(given))
+    model = build_model(config)
+    logit = 1.5
+    head = model.levels[0].trunk.empty_head.proj
+    head.kernel[...] = jnp.zeros_like(head.kernel[...])
+    head.bias[...] = jnp.full_like(head.bias[...], logit)
+    roll = np.zeros(given.shape, np.uint8)
+    roll[:, 30:90:7, 0:8] = 100
+    graphdef, params = nnx.split(model)
+    loss_and_stats = jax.jit(
+        lambda p, r, k: fractal_loss(nnx.merge(graphdef, p), config, {"roll": r}, k, True)
+    )
+    loss, stats = loss_and_stats(params, roll, keys(1, seed=5)[0])
+    hidden_tokens = float(stats["level_0/tokens_per_sample"]) * len(roll)
+    expected = hidden_tokens * float(jax.nn.softplus(-logit))
+    np.testing.assert_allclose(float(loss) * float(stats["reached_cells"]), expected, rtol=1e-5)
+
+
 # --- positions and wide rolls ---
 
 

@@ -66,9 +66,7 @@ def test_fill_nonempty_runs_no_pass_when_every_patch_is_empty():
     assert not calls
 
 
-def test_skip_empty_cannot_be_combined_with_partial_known_and_takes_fractions():
-    with pytest.raises(ConfigError, match="skip_empty and partial_known"):
-        tiny(skip_empty=1, partial_known=True)
+def test_skip_empty_takes_levels_above_the_last_and_fractions():
     with pytest.raises(ConfigError, match="skip_empty=3 must be in 0..2"):
         tiny(skip_empty=3)
     with pytest.raises(ConfigError, match="skip_empty_capacity"):
@@ -87,17 +85,24 @@ def empty_bias(model, logit: float):
     return model
 
 
-def test_sampler_skips_empty_patches_and_fills_the_others_through_overflow_passes():
+@pytest.mark.parametrize("partial_known", [False, True])
+def test_sampler_skips_empty_patches_and_fills_the_others_through_overflow_passes(partial_known):
     """The default level kinds (MAR, then column levels) at a capacity of one slot (every call
     overflows): patches said empty come back silent, except one holding a known sounding cell,
-    which is filled and keeps its known cells; patches said non-empty are all filled by the head
-    (an untrained head sounds almost every cell)."""
-    config = tiny(skip_empty=2, skip_empty_capacity=1e-6, generator_types=("mar", "column", "column"))
+    which is filled and keeps its known cells (with partial_known, where emptiness is of the
+    unknown cells, it is empty too: its known cell and silence); patches said non-empty are all
+    filled by the head (an untrained head sounds almost every cell)."""
+    config = tiny(
+        skip_empty=2,
+        skip_empty_capacity=1e-6,
+        generator_types=("mar", "column", "column"),
+        partial_known=partial_known,
+    )
     cells, known = sampler_lib.unconditional_inputs(2, config.crop_length)
     cells[:, 40, 3], known[:, 40, 3] = 90, True
     run = sampler_lib.make_sampler(config, (2, 2, 2, 1))
     sampling = Sampling.of(config, 1.0)
-    for logit, sounding in ((-30.0, 0.9), (30.0, 0.0)):
+    for logit, sounding in ((-30.0, 0.9), (30.0, 0.0))[partial_known:]:
         params = nnx.state(empty_bias(build_model(config), logit))
         rolls = np.asarray(run(params, cells, known, jax.random.key(0), sampling)[0])
         assert rolls[:, 40, 3].tolist() == [90, 90]
@@ -105,5 +110,7 @@ def test_sampler_skips_empty_patches_and_fills_the_others_through_overflow_passe
         other[:, 40:44, 0:4] = False  # the 4 x 4 of the known cell
         if sounding:
             assert (rolls[other] > 0).mean() > sounding
+        elif partial_known:
+            assert np.count_nonzero(rolls) == 2
         else:
             assert not rolls[other].any() and (rolls[:, 40:44, 0:4] > 0).mean() > 0.5
