@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from tiny import TINY, tiny
+from tiny import TINY, empty_bias, tiny
 
 from fractalmidi_jax import masking
 from fractalmidi_jax import roll as roll_lib
@@ -563,11 +563,8 @@ def test_skip_empty_scores_every_predicted_patch_emptiness_exactly(train):
     else (no cell goes down), in training and in the NLL (eval) alike; a sounding bar adds the
     lower levels' terms."""
     config = tiny(skip_empty=2)
-    model = build_model(config)
     logit = 1.5
-    head = model.levels[0].trunk.empty_head.proj
-    head.kernel[...] = jnp.zeros_like(head.kernel[...])
-    head.bias[...] = jnp.full_like(head.bias[...], logit)
+    model = empty_bias(build_model(config), logit)
     graphdef, params = nnx.split(model)
     silent = np.zeros((2, 128, config.crop_length), np.uint8)
 
@@ -595,11 +592,8 @@ def test_skip_empty_with_partial_known_scores_the_emptiness_of_the_unknown_cells
     given = np.zeros((2, 128, config.crop_length), bool)
     given[:, :, 0:8] = True
     monkeypatch.setattr(masking, "train_known_cells", lambda rng, *shape: jnp.asarray(given))
-    model = build_model(config)
     logit = 1.5
-    head = model.levels[0].trunk.empty_head.proj
-    head.kernel[...] = jnp.zeros_like(head.kernel[...])
-    head.bias[...] = jnp.full_like(head.bias[...], logit)
+    model = empty_bias(build_model(config), logit)
     roll = np.zeros(given.shape, np.uint8)
     roll[:, 30:90:7, 0:8] = 100
     graphdef, params = nnx.split(model)

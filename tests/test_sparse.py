@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from tiny import tiny
+from tiny import empty_bias, tiny
 
 from fractalmidi_jax import sampler as sampler_lib
 from fractalmidi_jax import sparse
@@ -73,16 +73,6 @@ def test_skip_empty_takes_levels_above_the_last_and_fractions():
         tiny(skip_empty=2, skip_empty_capacity=0.0)
     with pytest.raises(ConfigError, match="skip_empty_budget"):
         tiny(skip_empty_budget=1.5)
-
-
-def empty_bias(model, logit: float):
-    """Every skipping level says `logit` for every patch (> 0: empty)."""
-    for level in model.levels:
-        if level.trunk.skips_empty:
-            head = level.trunk.empty_head.proj
-            head.kernel[...] = jnp.zeros_like(head.kernel[...])
-            head.bias[...] = jnp.full_like(head.bias[...], logit)
-    return model
 
 
 @pytest.mark.parametrize("partial_known", [False, True])

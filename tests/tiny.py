@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 import pretty_midi
 import pytest
@@ -69,6 +70,16 @@ def tiny_training(folder: Path | None = None, **changes) -> Config:
         songs = str(folder / "songs")
         values.update(train_data=songs, val_data=songs, cache_dir=str(folder / "cache"))
     return tiny(**dict(values, **changes))
+
+
+def empty_bias(model, logit: float):
+    """Every skipping level says `logit` for every patch (> 0: empty)."""
+    for level in model.levels:
+        if level.trunk.skips_empty:
+            head = level.trunk.empty_head.proj
+            head.kernel[...] = jnp.zeros_like(head.kernel[...])
+            head.bias[...] = jnp.full_like(head.bias[...], logit)
+    return model
 
 
 def write_song(path: Path, seed: int, num_steps: int = 128) -> Path:
