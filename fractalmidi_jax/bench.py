@@ -248,6 +248,12 @@ def main(argv=None):
         help="levels, from level 0, that skip empty patches (sparse.py; 0 = none)",
     )
     parser.add_argument(
+        "--skip_empty_capacity",
+        type=float,
+        default=Config.skip_empty_capacity,
+        help="sampling slots per pass, of the patches drawn (sparse.py); also for --checkpoint",
+    )
+    parser.add_argument(
         "--checkpoint", default="", help="sampling cases time this checkpoint's model and weights"
     )
     args = parser.parse_args(argv)
@@ -256,6 +262,7 @@ def main(argv=None):
         proj_dropout=args.dropout,
         scan_layers=args.scan_layers,
         skip_empty=args.skip_empty,
+        skip_empty_capacity=args.skip_empty_capacity,
     )
     if args.faithful:
         base = base.replace(**FAITHFUL)
@@ -265,7 +272,7 @@ def main(argv=None):
     trained = None
     if args.checkpoint:
         config, _, params, _ = load_model(args.checkpoint)
-        trained = (config, params)
+        trained = (config.replace(skip_empty_capacity=args.skip_empty_capacity).validate(), params)
     rows = run_cases(names, base, args.steps, tuple(args.num_iter_list), args.profile, trained)
     if args.best_batches:
         rows += best_batch(base, args.steps, args.best_batches)

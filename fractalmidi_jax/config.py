@@ -62,7 +62,7 @@ class Config:
     partial_known: bool = False  # partly known patches show their known cells (trained on prompts)
     skip_empty: int = 1  # levels, from level 0, that hand down only the non-empty child patches (sparse.py)
     skip_empty_budget: float = 0.35  # skip_empty, training: non-empty patches handed down, of all tokens
-    skip_empty_capacity: float = 0.6  # skip_empty, sampling: slots per pass, of the patches drawn
+    skip_empty_capacity: float = 0.6  # skip_empty, sampling: slots per pass, of the patches drawn (sparse.py)
     conditions: tuple[str, ...] = ()  # per-bar level-0 conditions computed from the roll: chords, density
     condition_dropout: float = 0.1  # training: chance a sample loses all its conditions, and each alone
     token_budget: float = 0.0  # tokens passed down per sequence, as a fraction (0 = the mean mask ratio)

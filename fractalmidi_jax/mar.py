@@ -8,7 +8,9 @@ border columns may show.
 Sampling (`generate`): a random order of the tokens; round r predicts every token from the
 visible ones and generates the next `cosine_schedule[r]` tokens of the order with the level
 below, then writes them into the canvas. Counts are static, so level 0's rounds unroll in
-Python (a frame per round for the GIF); lower levels run one traced round under `lax.scan`.
+Python (exact round sizes, a frame per round for the GIF); lower levels, and a level 0 that skips
+empty bars (whose padding costs nothing below), run one traced round under `lax.scan`, padded to
+the widest round.
 """
 
 import jax
@@ -106,23 +108,22 @@ class MARLevel(nnx.Module):
         counts = masking.cosine_schedule(num_tokens, sampler.num_iter_list[k])
         round_keys = jax.random.split(rng, len(counts))
 
-        def one_round(cells, hidden_NxL, index_NxC, valid_C, key):
+        def one_round(cells, hidden_NxL, index_NxC, valid_C, key, sized_for=None):
             h_NxTxD = self.predict(cells, hidden_NxL, conds, border, col_offset_N, known_NxLxP=known)
             child_conds = trunk.handoff(
                 h_NxTxD, index_NxC, grid, self.handoff_neighbours, num_out, offset=trunk.num_conds
             )
             borders = sampler.child_borders(k, cells, ~hidden_NxL, border, grid, index_NxC, known)
             old = grid_lib.gather_tokens(cells, index_NxC)
-            new = sampler.children(
-                k, child_conds, old, grid_lib.gather_tokens(known, index_NxC), borders, key
-            )
+            known_NxCxP = grid_lib.gather_tokens(known, index_NxC)
+            new = sampler.children(k, child_conds, old, known_NxCxP, borders, key, valid_C, sized_for)
             new = jnp.where(valid_C[None, :, None], new, old)
             shown = grid_lib.gather_tokens(hidden_NxL, index_NxC) & ~valid_C[None, :]
             return grid_lib.put_tokens(cells, index_NxC, new), grid_lib.put_tokens(
                 hidden_NxL, index_NxC, shown
             )
 
-        if k == 0:  # unrolled: exact round sizes, and a frame per round for the GIF
+        if k == 0 and not trunk.skips_empty:  # unrolled: exact round sizes, a frame per round
             start = 0
             for count, key in zip(counts, round_keys):
                 index = order_NxL[:, start : start + count]
@@ -131,17 +132,24 @@ class MARLevel(nnx.Module):
                 start += count
             return cells
 
-        # lower levels: one traced round under lax.scan; each round takes `widest` slots of the
-        # order and fills the first `count` of them (the rest write back what is there)
+        # One traced round under lax.scan: each round takes `widest` tokens of the order and fills
+        # the first `count` of them (the rest write back what is there). A level that skips empty
+        # patches counts the padding as empty and sizes its slots for the mean round, so padding
+        # costs the levels below nothing: level 0 then compiles one round instead of all of them.
         widest = max(counts)
+        mean_round = -(-num_tokens // len(counts))
         padded_order = jnp.concatenate([order_NxL, order_NxL[:, :widest]], axis=1)
         starts = np.cumsum((0,) + counts[:-1]).astype(np.int32)
 
         def scan_round(carry, round_inputs):
             start, count, key = round_inputs
             index = jax.lax.dynamic_slice_in_dim(padded_order, start, widest, axis=1)
-            return one_round(*carry, index, jnp.arange(widest) < count, key), None
+            cells, hidden_NxL = one_round(*carry, index, jnp.arange(widest) < count, key, mean_round)
+            frame = grid_lib.unpatchify(cells, grid.rows, grid.cols, grid.patch) if k == 0 else None
+            return (cells, hidden_NxL), frame
 
         rounds = (jnp.asarray(starts), jnp.asarray(counts, jnp.int32), round_keys)
-        (cells, _), _ = jax.lax.scan(scan_round, (cells, hidden_NxL), rounds)
+        (cells, _), frames = jax.lax.scan(scan_round, (cells, hidden_NxL), rounds)
+        if k == 0:
+            sampler.frames.extend(frames[r] for r in range(len(counts)))
         return cells

@@ -82,9 +82,13 @@ class _Sampler:
         cond, uncond = jax.lax.all_gather(logits_NxV, GUIDANCE_AXIS)
         return (1.0 - self.cfg) * uncond + self.cfg * cond
 
-    def children(self, k, conds_NxKxOxD, cells_NxKxP, known_NxKxP, borders, rng):
+    def children(
+        self, k, conds_NxKxOxD, cells_NxKxP, known_NxKxP, borders, rng, valid_K=None, sized_for=None
+    ):
         """Fills the given patches with level k + 1 (or the head); with skip_empty, only those
-        drawn non-empty (`skip_empty`)."""
+        drawn non-empty (`skip_empty`). A scanned MAR round pads its K patches: `valid_K` says
+        which are real (the others come back unused), and a skipping level sizes its slots for
+        `sized_for` patches per sequence (None: K)."""
         n, count = cells_NxKxP.shape[:2]
         flat = lambda x: x.reshape((n * count,) + x.shape[2:])
         if k == self.config.num_levels - 1:
@@ -100,19 +104,18 @@ class _Sampler:
             return out.reshape(conds.shape[0], -1)
 
         inputs = (flat(conds_NxKxOxD), flat(cells_NxKxP), flat(known_NxKxP), borders)
-        out = (
-            self.skip_empty(k, fill, inputs, rng)
-            if self.model.levels[k].trunk.skips_empty
-            else fill(inputs, rng)
-        )
-        return out.reshape(n, count, -1)
+        if not self.model.levels[k].trunk.skips_empty:
+            return fill(inputs, rng).reshape(n, count, -1)
+        valid_M = None if valid_K is None else flat(jnp.broadcast_to(valid_K, (n, count)))
+        slots = masking.share(n * (sized_for or count), self.config.skip_empty_capacity)
+        return self.skip_empty(k, fill, inputs, rng, valid_M, slots).reshape(n, count, -1)
 
-    def skip_empty(self, k, fill, inputs, rng):
+    def skip_empty(self, k, fill, inputs, rng, valid_M, slots: int):
         """Draws the emptiness of M patches (level k's empty head, guided and drawn as cells are;
         a patch with a known sounding cell is not empty, except with partial_known, where
-        emptiness is of the unknown cells) and fills only the non-empty ones, in passes of a
-        fixed number of slots (sparse.fill_nonempty); an empty patch is its known cells and
-        silence."""
+        emptiness is of the unknown cells; padding, where `valid_M` is False, is empty) and fills
+        only the non-empty ones, in passes of `slots` (sparse.fill_nonempty); an empty patch is
+        its known cells and silence."""
         conds_MxOxD, cells_MxP, known_MxP, _ = inputs
         empty_rng, fill_rng = jax.random.split(rng)
         logit_M = self.model.levels[k].trunk.empty_head(conds_MxOxD[:, 0])
@@ -122,7 +125,8 @@ class _Sampler:
         given_MxP = jnp.where(known_MxP, cells_MxP, 0)  # the known cells, silence elsewhere
         if not self.config.partial_known:  # its emptiness is the whole patch's, known cells too
             empty_M &= sparse.is_empty(given_MxP)
-        slots = masking.share(len(empty_M), self.config.skip_empty_capacity)
+        if valid_M is not None:
+            empty_M |= ~valid_M
         return sparse.fill_nonempty(fill, ~empty_M, inputs, slots, given_MxP, fill_rng)
 
 
@@ -170,8 +174,9 @@ def make_sampler(config: Config, num_iter_list: tuple[int, ...]):
     """The jitted program: (params, known_cells, known_mask, rng, sampling[, conditions[, cfg]])
     -> (rolls, frames), `sample`'s arguments. One compile per (batch, width, guided or not); a
     second call with the same shapes reuses it. Level 0's blocks run under `lax.scan` whatever the
-    training config says (same weights): its rounds are unrolled, and unrolled blocks in each
-    would compile 1.5x longer for no faster sampling."""
+    training config says (same weights): unrolled blocks would compile 1.5x longer for no faster
+    sampling. A MAR level 0 runs its rounds under `lax.scan` too when it skips empty bars (mar.py),
+    and unrolls them otherwise (exact round sizes, where padding would cost the levels below)."""
     graphdef = nnx.split(nnx.eval_shape(lambda: build_model(config.replace(scan_layers=True))))[0]
 
     @jax.jit

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from tiny import TINY, tiny
+from tiny import TINY, empty_bias, tiny
 
 from fractalmidi_jax import masking
 from fractalmidi_jax import roll as roll_lib
@@ -34,6 +34,12 @@ def sampler_for(config):
         attn.proj.kernel[...] = attn.proj.kernel[...] * 10
     model.head.codebook[...] = model.head.codebook[...] * 30
     return sampler_lib.make_sampler(config, NUM_ITER), nnx.split(model)[1]
+
+
+def with_empty_bias(params, config, logit):
+    """The same parameters with every skipping level saying `logit` for every patch (> 0: empty)."""
+    model = nnx.merge(nnx.graphdef(build_model(config)), jax.tree.map(lambda x: x, params))
+    return nnx.state(empty_bias(model, logit))
 
 
 def with_head_bias(params, bias):
@@ -170,11 +176,18 @@ def test_every_cell_gets_the_head_velocity():
     assert (np.asarray(rolls) == 77).all()
 
 
-def test_level0_rounds_fill_their_tokens_once():
+@pytest.mark.parametrize("skip_empty", [0, 1], ids=["unrolled", "scanned"])
+def test_level0_rounds_fill_their_tokens_once(skip_empty):
     """Frames are the canvas after each level-0 round: one per round of the cosine schedule; round r
     fills exactly its scheduled number of 16 x 16 patches (the first frame has fewer filled cells than
-    the last), and a cell once filled keeps its velocity to the end. The head never draws silence here."""
-    run, params = sampler_for(TINY)
+    the last), and a cell once filled keeps its velocity to the end. The head never draws silence here.
+    Skipping empty bars (none is said empty here), level 0 scans its rounds padded to the widest
+    (5 and 11 of 16 bars): the padding is filled by no round, whatever the slots and their overflow
+    passes (a capacity of 0.3: 5 slots per pass, sized for the mean round, for 2 x 11 bars)."""
+    config = tiny(skip_empty=skip_empty, skip_empty_capacity=0.3)
+    run, params = sampler_for(config)
+    if skip_empty:
+        params = with_empty_bias(params, config, -30.0)
     bias = np.zeros(NUM_CLASSES)
     bias[0] = -1e4
     cells, known = sampler_lib.unconditional_inputs(BATCH, WIDTH)
@@ -231,8 +244,9 @@ def test_sampling_is_reproducible_without_recompiling():
         TINY,
         TINY.replace(generator_types=("ar", "mar", "ar"), scan_order="column_major"),
         TINY.replace(generator_types=("mar", "column", "column")),
+        TINY.replace(generator_types=("mar", "column", "column"), skip_empty=1),
     ],
-    ids=["mar_level0", "ar_column_major_level0", "column_levels"],
+    ids=["mar_level0", "ar_column_major_level0", "column_levels", "default_skipping_bars"],
 )
 def test_continuation_keeps_the_prompt_and_depends_on_it(config):
     """The first 16 steps (known) come back bit-identical, silent cells included; with the same key, two
