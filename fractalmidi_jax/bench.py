@@ -13,9 +13,14 @@ matmul and attention FLOPs the budgets compute (fractal.train_flops_per_sample) 
 chip's dense bf16 peak.
 """
 
+import collections
+import gzip
 import json
+import os
+import re
 import statistics
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -55,6 +60,7 @@ CASES = {
 BEST_BATCHES = (16, 32, 64, 128, 256)
 REFERENCE_BEST = 168.0  # samples/s, 128x512 batch 64 bf16
 TRAIN_BURST = 5  # training steps per timing, synchronised once
+PROFILED_RUNS = 5  # steps (or sampled batches) in a --profile trace
 
 
 def realistic_rolls(batch: int, width: int, kind: str = "note", seed: int = 0) -> np.ndarray:
@@ -94,10 +100,59 @@ def _memory_gib(compiled) -> float:
 
 
 def _profile(run, profile_dir: str):
-    """A Perfetto trace of 5 runs in `profile_dir` (none if empty)."""
+    """A Perfetto trace of 5 runs in `profile_dir` (none if empty), and its kernel table."""
     if profile_dir:
         with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
-            _median_seconds(run, 5)
+            _median_seconds(run, PROFILED_RUNS)
+        print(format_kernel_table(kernel_table(profile_dir, PROFILED_RUNS)), flush=True)
+
+
+GEMM_PREFIXES = ("nvjet", "cutlass", "magma", "sm90_", "sm80_", "ampere_", "cublas")
+
+
+def kernel_kind(name: str) -> str:
+    """A kernel's group: library GEMMs (cuBLAS, CUTLASS, MAGMA) as one, XLA fusions by name
+    without their numbering."""
+    if name.removeprefix("void ").startswith(GEMM_PREFIXES):
+        return "library GEMM"
+    return re.sub(r"([._]\d+)+$", "", name)
+
+
+def kernel_table(profile_dir: str, runs: int) -> list[tuple[str, float, float]]:
+    """(kind, ms per run, kernels per run) of the device kernels in the newest Perfetto trace
+    under `profile_dir`, longest first. Kernels are the events on device streams (their
+    `Stream` threads; the `XLA Ops` line repeats them)."""
+    trace = max(Path(profile_dir).glob("plugins/profile/*/perfetto_trace.json.gz"), key=os.path.getmtime)
+    with gzip.open(trace) as f:
+        events = json.load(f)["traceEvents"]
+    names = {
+        (e["pid"], e.get("tid")): e["args"]["name"]
+        for e in events
+        if e.get("ph") == "M" and e["name"] in ("process_name", "thread_name")
+    }
+    devices = {pid for (pid, tid), name in names.items() if tid is None and "/device:" in name}
+    time_ms, count = collections.Counter(), collections.Counter()
+    for e in events:
+        if (
+            e.get("ph") == "X"
+            and e["pid"] in devices
+            and names.get((e["pid"], e["tid"]), "").startswith("Stream")
+        ):
+            kind = kernel_kind(e["name"])
+            time_ms[kind] += e["dur"] / 1000 / runs
+            count[kind] += 1 / runs
+    return [(kind, ms, count[kind]) for kind, ms in time_ms.most_common()]
+
+
+def format_kernel_table(rows, top: int = 15) -> str:
+    if not rows:
+        return "no device kernels in the trace (a CPU run)"
+    lines = [f"{'kernels (per run)':40s} {'ms':>8s} {'count':>7s}"]
+    lines += [f"{kind[:40]:40s} {ms:8.2f} {n:7.0f}" for kind, ms, n in rows[:top]]
+    lines.append(
+        f"{'all ' + str(len(rows)) + ' kinds':40s} {sum(r[1] for r in rows):8.2f} {sum(r[2] for r in rows):7.0f}"
+    )
+    return "\n".join(lines)
 
 
 def bench_train(config: Config, batch: int, width: int, num_steps: int, profile_dir: str = "") -> dict:
@@ -229,7 +284,8 @@ def main(argv=None):
     parser.add_argument(
         "--profile",
         default="",
-        help="write a Perfetto trace of 5 steps (or sampled batches) of the first case here",
+        help="write a Perfetto trace of 5 steps (or sampled batches) of the first case here, and "
+        "print its device kernels grouped by kind",
     )
     parser.add_argument(
         "--scan_layers", action="store_true", help="level 0's blocks under lax.scan (see config.py)"

@@ -1,5 +1,8 @@
 """The benchmark tool runs end to end on CPU (its timings only mean something on a GPU)."""
 
+import gzip
+import json
+
 import numpy as np
 from tiny import TINY
 
@@ -25,3 +28,40 @@ def test_train_and_sample_cases_report_a_row():
     assert 0 < train["mfu"] < 1
     train.update(name="train tiny", reference_seconds=1.0, speedup=1.0 / train["seconds"])
     assert bench._format_row(train).startswith("train tiny")
+
+
+def test_kernel_table_sums_the_device_streams_per_run(tmp_path):
+    """Kernels on a device's Stream threads are grouped by kind (library GEMMs as one, fusions
+    without their numbers) and divided by the runs; the host and the XLA Ops line are left out."""
+    meta = [
+        {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}},
+        {"ph": "M", "pid": 2, "name": "process_sort_index", "args": {"sort_index": 2}},
+        {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "pid": 2, "tid": 7, "name": "thread_name", "args": {"name": "Stream #7(Compute)"}},
+        {"ph": "M", "pid": 2, "tid": 8, "name": "thread_name", "args": {"name": "XLA Ops"}},
+    ]
+    kernel = lambda pid, tid, name, dur: {
+        "ph": "X",
+        "pid": pid,
+        "tid": tid,
+        "name": name,
+        "dur": dur,
+        "ts": 0,
+    }
+    events = meta + [
+        kernel(2, 7, "loop_add_fusion_12", 3000.0),
+        kernel(2, 7, "loop_add_fusion.3", 1000.0),
+        kernel(2, 7, "nvjet_tst_128x64_64x4", 4000.0),
+        kernel(2, 7, "void cutlass::Kernel2<cutlass_80_tensorop>", 2000.0),
+        kernel(2, 8, "loop_add_fusion_12", 3000.0),
+        kernel(1, 5, "PjitFunction(step)", 9000.0),
+    ]
+    folder = tmp_path / "plugins" / "profile" / "run"
+    folder.mkdir(parents=True)
+    with gzip.open(folder / "perfetto_trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    assert bench.kernel_table(str(tmp_path), runs=2) == [
+        ("library GEMM", 3.0, 1.0),
+        ("loop_add_fusion", 2.0, 1.0),
+    ]
+    assert "loop_add_fusion" in bench.format_kernel_table(bench.kernel_table(str(tmp_path), runs=2))
