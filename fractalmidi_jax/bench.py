@@ -310,6 +310,12 @@ def main(argv=None):
         help="sampling slots per pass, of the patches drawn (sparse.py); also for --checkpoint",
     )
     parser.add_argument(
+        "--skip_empty_round_buckets",
+        type=int,
+        default=Config.skip_empty_round_buckets,
+        help="level-0 round shapes a skipping sampler compiles (mar.py); also for --checkpoint",
+    )
+    parser.add_argument(
         "--checkpoint", default="", help="sampling cases time this checkpoint's model and weights"
     )
     args = parser.parse_args(argv)
@@ -319,6 +325,7 @@ def main(argv=None):
         scan_layers=args.scan_layers,
         skip_empty=args.skip_empty,
         skip_empty_capacity=args.skip_empty_capacity,
+        skip_empty_round_buckets=args.skip_empty_round_buckets,
     )
     if args.faithful:
         base = base.replace(**FAITHFUL)
@@ -328,7 +335,11 @@ def main(argv=None):
     trained = None
     if args.checkpoint:
         config, _, params, _ = load_model(args.checkpoint)
-        trained = (config.replace(skip_empty_capacity=args.skip_empty_capacity).validate(), params)
+        sampling = dict(
+            skip_empty_capacity=args.skip_empty_capacity,
+            skip_empty_round_buckets=args.skip_empty_round_buckets,
+        )
+        trained = (config.replace(**sampling).validate(), params)
     rows = run_cases(names, base, args.steps, tuple(args.num_iter_list), args.profile, trained)
     if args.best_batches:
         rows += best_batch(base, args.steps, args.best_batches)

@@ -63,6 +63,7 @@ class Config:
     skip_empty: int = 1  # levels, from level 0, that hand down only the non-empty child patches (sparse.py)
     skip_empty_budget: float = 0.35  # skip_empty, training: non-empty patches handed down, of all tokens
     skip_empty_capacity: float = 0.6  # skip_empty, sampling: slots per pass, of the patches drawn (sparse.py)
+    skip_empty_round_buckets: int = 1  # skip_empty, sampling: level-0 round shapes compiled (mar.py)
     conditions: tuple[str, ...] = ()  # per-bar level-0 conditions computed from the roll: chords, density
     condition_dropout: float = 0.1  # training: chance a sample loses all its conditions, and each alone
     token_budget: float = 0.0  # tokens passed down per sequence, as a fraction (0 = the mean mask ratio)
@@ -199,6 +200,11 @@ class Config:
         for name in ("skip_empty_budget", "skip_empty_capacity"):
             if not 0.0 < getattr(self, name) <= 1.0:
                 errors.append(f"{name}={getattr(self, name)} must be in (0, 1]: it is a fraction of patches")
+        if self.skip_empty_round_buckets < 1:
+            errors.append(
+                f"skip_empty_round_buckets={self.skip_empty_round_buckets} must be at least 1 "
+                "(1: one level-0 round compiled; the number of rounds: exact sizes)"
+            )
         if not 0 <= self.skip_empty < max(n - 1, 1):
             errors.append(
                 f"skip_empty={self.skip_empty} must be in 0..{max(n - 2, 0)}: a level skips empty patches only "

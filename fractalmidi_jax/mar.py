@@ -7,10 +7,8 @@ true patches, weighted as `masking.budget_weights` says. Visible tokens are what
 border columns may show.
 Sampling (`generate`): a random order of the tokens; round r predicts every token from the
 visible ones and generates the next `cosine_schedule[r]` tokens of the order with the level
-below, then writes them into the canvas. Counts are static, so level 0's rounds unroll in
-Python (exact round sizes, a frame per round for the GIF); lower levels, and a level 0 that skips
-empty bars (whose padding costs nothing below), run one traced round under `lax.scan`, padded to
-the widest round.
+below, then writes them into the canvas. Rounds differ in size and shapes are static, so
+rounds run under `lax.scan` in shape buckets, padded to the bucket's widest round (`generate`).
 """
 
 import jax
@@ -108,7 +106,7 @@ class MARLevel(nnx.Module):
         counts = masking.cosine_schedule(num_tokens, sampler.num_iter_list[k])
         round_keys = jax.random.split(rng, len(counts))
 
-        def one_round(cells, hidden_NxL, index_NxC, valid_C, key, sized_for=None):
+        def one_round(cells, hidden_NxL, index_NxC, valid_C, key, sized_for):
             h_NxTxD = self.predict(cells, hidden_NxL, conds, border, col_offset_N, known_NxLxP=known)
             child_conds = trunk.handoff(
                 h_NxTxD, index_NxC, grid, self.handoff_neighbours, num_out, offset=trunk.num_conds
@@ -123,33 +121,32 @@ class MARLevel(nnx.Module):
                 hidden_NxL, index_NxC, shown
             )
 
-        if k == 0 and not trunk.skips_empty:  # unrolled: exact round sizes, a frame per round
-            start = 0
-            for count, key in zip(counts, round_keys):
-                index = order_NxL[:, start : start + count]
-                cells, hidden_NxL = one_round(cells, hidden_NxL, index, jnp.ones((count,), bool), key)
-                sampler.frames.append(grid_lib.unpatchify(cells, grid.rows, grid.cols, grid.patch))
-                start += count
-            return cells
-
-        # One traced round under lax.scan: each round takes `widest` tokens of the order and fills
-        # the first `count` of them (the rest write back what is there). A level that skips empty
-        # patches counts the padding as empty and sizes its slots for the mean round, so padding
-        # costs the levels below nothing: level 0 then compiles one round instead of all of them.
-        widest = max(counts)
-        mean_round = -(-num_tokens // len(counts))
-        padded_order = jnp.concatenate([order_NxL, order_NxL[:, :widest]], axis=1)
+        # Rounds run under lax.scan in shape buckets of consecutive rounds, each compiled once:
+        # a round takes its bucket's widest count of tokens of the order and fills the first
+        # `count` (the rest write back what is there). A level that skips empty patches counts
+        # that padding as empty and sizes its slots for its bucket's mean round, so padding costs
+        # the levels below nothing: a skipping level 0 compiles `skip_empty_round_buckets`
+        # rounds. A level 0 that does not skip keeps exact sizes (a bucket per round); lower
+        # levels compile one round.
+        buckets = 1 if k > 0 else len(counts)
+        if k == 0 and trunk.skips_empty:
+            buckets = min(sampler.config.skip_empty_round_buckets, len(counts))
+        padded_order = jnp.concatenate([order_NxL, order_NxL[:, : max(counts)]], axis=1)
         starts = np.cumsum((0,) + counts[:-1]).astype(np.int32)
+        carry = (cells, hidden_NxL)
+        for rounds in np.array_split(np.arange(len(counts)), buckets):
+            sizes = np.asarray(counts, np.int32)[rounds]
+            widest, mean_round = int(sizes.max()), -(-int(sizes.sum()) // len(rounds))
 
-        def scan_round(carry, round_inputs):
-            start, count, key = round_inputs
-            index = jax.lax.dynamic_slice_in_dim(padded_order, start, widest, axis=1)
-            cells, hidden_NxL = one_round(*carry, index, jnp.arange(widest) < count, key, mean_round)
-            frame = grid_lib.unpatchify(cells, grid.rows, grid.cols, grid.patch) if k == 0 else None
-            return (cells, hidden_NxL), frame
+            def scan_round(carry, round_inputs, widest=widest, mean_round=mean_round):
+                start, count, key = round_inputs
+                index = jax.lax.dynamic_slice_in_dim(padded_order, start, widest, axis=1)
+                carry = one_round(*carry, index, jnp.arange(widest) < count, key, mean_round)
+                frame = grid_lib.unpatchify(carry[0], grid.rows, grid.cols, grid.patch) if k == 0 else None
+                return carry, frame
 
-        rounds = (jnp.asarray(starts), jnp.asarray(counts, jnp.int32), round_keys)
-        (cells, _), frames = jax.lax.scan(scan_round, (cells, hidden_NxL), rounds)
-        if k == 0:
-            sampler.frames.extend(frames[r] for r in range(len(counts)))
-        return cells
+            inputs = (jnp.asarray(starts[rounds]), jnp.asarray(sizes), round_keys[rounds])
+            carry, frames = jax.lax.scan(scan_round, carry, inputs)
+            if k == 0:
+                sampler.frames.extend(frames[i] for i in range(len(rounds)))
+        return carry[0]

@@ -175,8 +175,8 @@ def make_sampler(config: Config, num_iter_list: tuple[int, ...]):
     -> (rolls, frames), `sample`'s arguments. One compile per (batch, width, guided or not); a
     second call with the same shapes reuses it. Level 0's blocks run under `lax.scan` whatever the
     training config says (same weights): unrolled blocks would compile 1.5x longer for no faster
-    sampling. A MAR level 0 runs its rounds under `lax.scan` too when it skips empty bars (mar.py),
-    and unrolls them otherwise (exact round sizes, where padding would cost the levels below)."""
+    sampling. A MAR level 0 compiles its rounds in shape buckets (mar.py): `skip_empty_round_buckets`
+    when it skips empty bars, one per round otherwise (where padding would cost the levels below)."""
     graphdef = nnx.split(nnx.eval_shape(lambda: build_model(config.replace(scan_layers=True))))[0]
 
     @jax.jit

@@ -22,8 +22,9 @@ such tokens (masking.budget_weights), so the loss stays an unbiased estimate.
 Sampling (`fill_nonempty`): a level draws its patches' emptiness as the head draws cells (the
 same guidance, temperature and min-p; a patch with a known sounding cell is not empty); the
 non-empty patches of the whole call, across its sequences, are packed into ceil(skip_empty_capacity
-x patches) slots (a MAR round under `lax.scan`, padded to the widest round, counts its padding as
-empty and sizes the slots for the mean round), filled by the level below and put back; empty
+x patches) slots (a MAR round under `lax.scan`, padded to the widest round of its shape bucket,
+counts its padding as empty and sizes the slots for the bucket's mean round), filled by the level
+below and put back; empty
 patches are silence. Overflow:
 while patches are left (more non-empty than slots), another pass of the same shape fills the
 next ones, so every non-empty patch is filled exactly once whatever the capacity; a capacity

@@ -24,7 +24,7 @@ NUM_CLASSES = roll_lib.num_classes(TINY.roll)
 
 
 @functools.lru_cache
-def sampler_for(config):
+def sampler_for(config, num_iter=NUM_ITER):
     """(run, params) of a tiny model, one jitted sampler per config shared by the tests. Attention
     outputs and the head's codebook are amplified, so that what a level sees visibly changes the
     velocities drawn (at initialisation a changed prompt alters only a few cells in ten thousand)."""
@@ -33,7 +33,7 @@ def sampler_for(config):
         attn = level.trunk.transformer.blocks.attn
         attn.proj.kernel[...] = attn.proj.kernel[...] * 10
     model.head.codebook[...] = model.head.codebook[...] * 30
-    return sampler_lib.make_sampler(config, NUM_ITER), nnx.split(model)[1]
+    return sampler_lib.make_sampler(config, num_iter), nnx.split(model)[1]
 
 
 def with_empty_bias(params, config, logit):
@@ -176,16 +176,22 @@ def test_every_cell_gets_the_head_velocity():
     assert (np.asarray(rolls) == 77).all()
 
 
-@pytest.mark.parametrize("skip_empty", [0, 1], ids=["unrolled", "scanned"])
-def test_level0_rounds_fill_their_tokens_once(skip_empty):
+@pytest.mark.parametrize(
+    "skip_empty, rounds, buckets",
+    [(0, 2, 1), (1, 2, 1), (1, 4, 3)],
+    ids=["exact_rounds", "one_scanned_shape", "three_shapes_of_four_rounds"],
+)
+def test_level0_rounds_fill_their_tokens_once(skip_empty, rounds, buckets):
     """Frames are the canvas after each level-0 round: one per round of the cosine schedule; round r
     fills exactly its scheduled number of 16 x 16 patches (the first frame has fewer filled cells than
     the last), and a cell once filled keeps its velocity to the end. The head never draws silence here.
-    Skipping empty bars (none is said empty here), level 0 scans its rounds padded to the widest
-    (5 and 11 of 16 bars): the padding is filled by no round, whatever the slots and their overflow
-    passes (a capacity of 0.3: 5 slots per pass, sized for the mean round, for 2 x 11 bars)."""
-    config = tiny(skip_empty=skip_empty, skip_empty_capacity=0.3)
-    run, params = sampler_for(config)
+    Skipping empty bars (none is said empty here), level 0 scans its rounds in shape buckets padded
+    to their widest round (2 rounds of 5 and 11 bars in one; 4 rounds of 2, 3, 5, 6 in three: 2 + 1
+    + 1): the padding is filled by no round, whatever the slots and their overflow passes (a
+    capacity of 0.3, of the bucket's mean round)."""
+    config = tiny(skip_empty=skip_empty, skip_empty_capacity=0.3, skip_empty_round_buckets=buckets)
+    num_iter = (rounds,) + NUM_ITER[1:]
+    run, params = sampler_for(config, num_iter)
     if skip_empty:
         params = with_empty_bias(params, config, -30.0)
     bias = np.zeros(NUM_CLASSES)
@@ -193,7 +199,7 @@ def test_level0_rounds_fill_their_tokens_once(skip_empty):
     cells, known = sampler_lib.unconditional_inputs(BATCH, WIDTH)
     rolls, frames = run(with_head_bias(params, bias), cells, known, jax.random.key(1), ONE)
     rolls, frames = np.asarray(rolls), np.asarray(frames)
-    schedule = masking.cosine_schedule(8 * WIDTH // 16, NUM_ITER[0])
+    schedule = masking.cosine_schedule(8 * WIDTH // 16, rounds)
     assert frames.shape == (len(schedule), BATCH, 128, WIDTH)
     filled = (frames > 0).sum(axis=(2, 3))  # rounds x batch
     np.testing.assert_array_equal(filled, np.repeat(np.cumsum(schedule)[:, None] * 256, BATCH, axis=1))

@@ -73,6 +73,8 @@ def test_skip_empty_takes_levels_above_the_last_and_fractions():
         tiny(skip_empty=2, skip_empty_capacity=0.0)
     with pytest.raises(ConfigError, match="skip_empty_budget"):
         tiny(skip_empty_budget=1.5)
+    with pytest.raises(ConfigError, match="skip_empty_round_buckets=0 must be at least 1"):
+        tiny(skip_empty=1, skip_empty_round_buckets=0)
 
 
 @pytest.mark.parametrize("partial_known", [False, True])
