@@ -319,13 +319,15 @@ def main(argv=None):
         "--checkpoint", default="", help="sampling cases time this checkpoint's model and weights"
     )
     args = parser.parse_args(argv)
+    sampling = dict(
+        skip_empty_capacity=args.skip_empty_capacity, skip_empty_round_buckets=args.skip_empty_round_buckets
+    )
     base = Config(
         attn_dropout=args.dropout,
         proj_dropout=args.dropout,
         scan_layers=args.scan_layers,
         skip_empty=args.skip_empty,
-        skip_empty_capacity=args.skip_empty_capacity,
-        skip_empty_round_buckets=args.skip_empty_round_buckets,
+        **sampling,
     )
     if args.faithful:
         base = base.replace(**FAITHFUL)
@@ -335,10 +337,6 @@ def main(argv=None):
     trained = None
     if args.checkpoint:
         config, _, params, _ = load_model(args.checkpoint)
-        sampling = dict(
-            skip_empty_capacity=args.skip_empty_capacity,
-            skip_empty_round_buckets=args.skip_empty_round_buckets,
-        )
         trained = (config.replace(**sampling).validate(), params)
     rows = run_cases(names, base, args.steps, tuple(args.num_iter_list), args.profile, trained)
     if args.best_batches:

@@ -128,14 +128,18 @@ class MARLevel(nnx.Module):
         # the levels below nothing: a skipping level 0 compiles `skip_empty_round_buckets`
         # rounds. A level 0 that does not skip keeps exact sizes (a bucket per round); lower
         # levels compile one round.
-        buckets = 1 if k > 0 else len(counts)
-        if k == 0 and trunk.skips_empty:
+        if k > 0:
+            buckets = 1
+        elif trunk.skips_empty:
             buckets = min(sampler.config.skip_empty_round_buckets, len(counts))
+        else:
+            buckets = len(counts)
         padded_order = jnp.concatenate([order_NxL, order_NxL[:, : max(counts)]], axis=1)
-        starts = np.cumsum((0,) + counts[:-1]).astype(np.int32)
+        counts_R = np.asarray(counts, np.int32)
+        starts_R = np.cumsum(counts_R, dtype=np.int32) - counts_R
         carry = (cells, hidden_NxL)
         for rounds in np.array_split(np.arange(len(counts)), buckets):
-            sizes = np.asarray(counts, np.int32)[rounds]
+            sizes = counts_R[rounds]
             widest, mean_round = int(sizes.max()), -(-int(sizes.sum()) // len(rounds))
 
             def scan_round(carry, round_inputs, widest=widest, mean_round=mean_round):
@@ -145,7 +149,7 @@ class MARLevel(nnx.Module):
                 frame = grid_lib.unpatchify(carry[0], grid.rows, grid.cols, grid.patch) if k == 0 else None
                 return carry, frame
 
-            inputs = (jnp.asarray(starts[rounds]), jnp.asarray(sizes), round_keys[rounds])
+            inputs = (jnp.asarray(starts_R[rounds]), jnp.asarray(sizes), round_keys[rounds])
             carry, frames = jax.lax.scan(scan_round, carry, inputs)
             if k == 0:
                 sampler.frames.extend(frames[i] for i in range(len(rounds)))

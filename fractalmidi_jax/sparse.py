@@ -24,11 +24,10 @@ same guidance, temperature and min-p; a patch with a known sounding cell is not 
 non-empty patches of the whole call, across its sequences, are packed into ceil(skip_empty_capacity
 x patches) slots (a MAR round under `lax.scan`, padded to the widest round of its shape bucket,
 counts its padding as empty and sizes the slots for the bucket's mean round), filled by the level
-below and put back; empty
-patches are silence. Overflow:
-while patches are left (more non-empty than slots), another pass of the same shape fills the
-next ones, so every non-empty patch is filled exactly once whatever the capacity; a capacity
-above the usual share of non-empty patches keeps it to one pass.
+below and put back; empty patches are silence. Overflow: while patches are left (more non-empty
+than slots), another pass of the same shape fills the next ones, so every non-empty patch is
+filled exactly once whatever the capacity; a capacity above the usual share of non-empty patches
+keeps it to one pass.
 """
 
 import jax
