@@ -14,10 +14,11 @@ earlier column: none has seen it); the right neighbour has, and is passed as zer
 Partly known patches (`partial_known`): token (r, c) also shows the known cells of patch
 (r, c) itself (level.py's `embed_known`), so the output predicting a column has seen what is
 given in that column (every band of it) and nothing else of it.
-Sampling (`generate`): step c runs the level on the canvas (columns >= c cannot reach column
-c's outputs), hands column c down and writes what comes back. Each step recomputes the whole
-sequence: at the levels a column level is made for (16 tokens) that is cheaper than the KV
-cache updates it would save.
+Sampling (`generate`): the condition tokens go into a KV cache first (`prefill`); step c then
+runs column c's tokens alone against it (`decode`: their inputs, the patches of column c - 1,
+are drawn by then, and what they attend to never changes after), hands column c down, and
+writes what comes back. Recomputing the whole sequence per step did 4 times the work; below
+level 0 that work was half the sampler's time (BENCHMARKS.md).
 """
 
 import jax
@@ -100,19 +101,50 @@ class ColumnLevel(nnx.Module):
             self.trunk.num_conds,
         )
 
+    def prefill(self, conds_NxCxE, border, num_sequences: int, num_tokens: int):
+        """KV caches of C + L positions (the conditions, then the patch tokens column by column)
+        holding the condition tokens."""
+        trunk = self.trunk
+        length = trunk.num_conds + num_tokens
+        caches = trunk.transformer.empty_caches(num_sequences, length, trunk.dtype)
+        mask = (np.arange(length) < trunk.num_conds)[None, :]
+        tokens = trunk.cond_tokens(conds_NxCxE, num_sequences, border)
+        return trunk.transformer(tokens, mask, caches, 0)[1]
+
+    def decode(self, caches, cells_NxLxP, c, col_offset_N=None, known_NxLxP=None):
+        """(N x R x D outputs of column c's tokens, the caches with them): `predict`'s outputs at
+        grid indices r * cols + c, from caches holding the conditions and the columns before c.
+        `c` may be traced."""
+        n, num_tokens, _ = cells_NxLxP.shape
+        trunk = self.trunk
+        rows, cols = trunk.rows, num_tokens // trunk.rows
+        index_R = jnp.arange(rows) * cols + c
+        left_NxRxD = trunk.embed_patches(cells_NxLxP[:, jnp.maximum(index_R - 1, 0)]).astype(trunk.dtype)
+        tokens = jnp.where(c == 0, self.start_token[...].astype(trunk.dtype), left_NxRxD)
+        tokens = tokens + trunk.positions(index_R, cols, col_offset_N)
+        if trunk.partial_known:
+            known_NxRxP = None if known_NxLxP is None else known_NxLxP[:, index_R]
+            tokens = tokens + trunk.embed_known(cells_NxLxP[:, index_R], known_NxRxP).astype(tokens.dtype)
+        first = trunk.num_conds + c * rows
+        mask = (jnp.arange(trunk.num_conds + num_tokens) < first + rows)[None, :]
+        return trunk.transformer(tokens, mask, caches, first)
+
     def generate(self, sampler, k, grid, conds, cells, known, border, num_out, rng, col_offset_N=None):
-        """Draws the canvas column by column; `sampler.children` fills each column's patches."""
+        """Draws the canvas column by column over KV caches; `sampler.children` fills each
+        column's patches."""
         n, num_tokens, _ = cells.shape
         trunk = self.trunk
         column_index = jnp.asarray(np.arange(grid.rows)[None, :] * grid.cols + np.arange(grid.cols)[:, None])
         visible = jnp.ones((n, num_tokens), bool)  # a column's left neighbours are drawn before it
+        caches = self.prefill(conds, border, n, num_tokens)
+        outputs = jnp.zeros((n, num_tokens, trunk.row_pos.shape[-1]), trunk.dtype)
 
-        def step(c, cells):
-            h_NxTxD = self.predict(cells, conds, border, col_offset_N, known_NxLxP=known)
+        def step(c, state):
+            cells, outputs, caches = state
+            h_NxRxD, caches = self.decode(caches, cells, c, col_offset_N, known)
             index_NxR = jnp.broadcast_to(column_index[c], (n, grid.rows))
-            child_conds = trunk.handoff(
-                h_NxTxD, index_NxR, grid, self.handoff_neighbours, num_out, offset=trunk.num_conds
-            )
+            outputs = grid_lib.put_tokens(outputs, index_NxR, h_NxRxD)
+            child_conds = trunk.handoff(outputs, index_NxR, grid, self.handoff_neighbours, num_out)
             borders = sampler.child_borders(k, cells, visible, border, grid, index_NxR)
             new = sampler.children(
                 k,
@@ -122,11 +154,12 @@ class ColumnLevel(nnx.Module):
                 borders,
                 jax.random.fold_in(rng, c),
             )
-            return grid_lib.put_tokens(cells, index_NxR, new)
+            return grid_lib.put_tokens(cells, index_NxR, new), outputs, caches
 
+        state = (cells, outputs, caches)
         if k == 0:  # unrolled: a frame per column for the GIF
             for c in range(grid.cols):
-                cells = step(c, cells)
-                sampler.frames.append(grid_lib.unpatchify(cells, grid.rows, grid.cols, grid.patch))
-            return cells
-        return jax.lax.fori_loop(0, grid.cols, step, cells)
+                state = step(c, state)
+                sampler.frames.append(grid_lib.unpatchify(state[0], grid.rows, grid.cols, grid.patch))
+            return state[0]
+        return jax.lax.fori_loop(0, grid.cols, step, state)[0]

@@ -17,9 +17,9 @@ WIDTH = 48  # level 0: 8 pitch bands x 3 bars
 
 
 @functools.lru_cache
-def column_case(level):
+def column_case(level, partial_known=False):
     """(graphdef, params, cells, conds, rows, cols) of a column level with random inputs."""
-    config = tiny(generator_types=("column", "column", "column"))
+    config = tiny(generator_types=("column", "column", "column"), partial_known=partial_known)
     column = ColumnLevel(config, level, nnx.Rngs(params=level))
     rs = np.random.default_rng(level)
     if level == 0:
@@ -43,18 +43,22 @@ def outputs_and_handoff(graphdef, params, cells, conds, border):
     return h[:, level.trunk.num_conds :], handoff
 
 
+def random_border(level):
+    """A border column below level 0 (tiny() has border context: its token must not bypass the
+    mask); None at level 0."""
+    if level == 0:
+        return None
+    rs = np.random.default_rng(3)
+    return Border(jnp.asarray(rs.integers(0, 129, (2, 16)), jnp.int32), jnp.asarray(rs.random((2, 16)) < 0.5))
+
+
 @pytest.mark.parametrize("level", [0, 1])
 def test_outputs_and_handoff_see_only_earlier_columns(level):
     """Changing the patch at column c changes the output and the handed-down conditions of every
     token in a later column, and of none in column c or before (grid order t = r * cols + c)."""
     graphdef, params, cells, conds, rows, cols = column_case(level)
     num_tokens = rows * cols
-    border = None
-    if level > 0:  # tiny() has border context: its token must not bypass the mask
-        rs = np.random.default_rng(3)
-        border = Border(
-            jnp.asarray(rs.integers(0, 129, (2, 16)), jnp.int32), jnp.asarray(rs.random((2, 16)) < 0.5)
-        )
+    border = random_border(level)
     reference = outputs_and_handoff(graphdef, params, cells, conds, border)
     col_L = np.arange(num_tokens) % cols
     rs = np.random.default_rng(7)
@@ -88,3 +92,28 @@ def test_a_column_sees_the_known_cells_of_its_own_patches():
             moved = (np.asarray(predict(changed)) != reference).any(axis=(0, 2))
             expected = col_L >= col_L[t] if part == 0 else col_L > col_L[t]
             np.testing.assert_array_equal(moved, expected, err_msg=f"token {t} part {part}")
+
+
+@pytest.mark.parametrize("level, partial_known", [(0, False), (1, False), (1, True)])
+def test_decoding_column_by_column_gives_the_whole_sequence_outputs(level, partial_known):
+    """Sampling's KV-cached steps (`prefill`, then `decode` of column c under a traced c) give
+    `predict`'s outputs of every column's tokens, with the border token and known cells."""
+    graphdef, params, cells, conds, rows, cols = column_case(level, partial_known)
+    border = random_border(level)
+    known = jnp.asarray(np.random.default_rng(5).random(cells.shape) < 0.5) if partial_known else None
+    n, num_tokens = cells.shape[:2]
+
+    @jax.jit
+    def by_columns(cells):
+        column = nnx.merge(graphdef, params)
+
+        def step(caches, c):
+            h_NxRxD, caches = column.decode(caches, cells, c, known_NxLxP=known)
+            return caches, h_NxRxD
+
+        _, h_ColsxNxRxD = jax.lax.scan(step, column.prefill(conds, border, n, num_tokens), jnp.arange(cols))
+        return h_ColsxNxRxD.transpose(1, 2, 0, 3).reshape(n, num_tokens, -1)  # grid order r * cols + c
+
+    column = nnx.merge(graphdef, params)
+    whole = column.predict(cells, conds, border, known_NxLxP=known)[:, column.trunk.num_conds :]
+    np.testing.assert_allclose(by_columns(cells), whole, rtol=1e-5, atol=1e-5)
