@@ -109,6 +109,9 @@ def test_two_processes_train_like_one(tmp_path):
         with np.load(tmp_path / f"params_{index}.npz") as saved:
             leaves = [saved[f"arr_{k}"] for k in range(len(saved.files))]
         assert len(leaves) == len(params)
+        # AdamW's first steps move a weight by about lr whatever its gradient's size, so a
+        # gradient at rounding level (summed in another order over 4 devices) may move it by
+        # a different fraction of that: compare to 1% of lr.
         for leaf, expected in zip(leaves, params):
-            np.testing.assert_allclose(leaf, expected, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(leaf, expected, rtol=1e-5, atol=0.01 * CONFIG.lr)
     assert any(not np.allclose(a, b) for a, b in zip(params, jax.tree.leaves(initial["params"])))
