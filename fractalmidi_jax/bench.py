@@ -99,12 +99,16 @@ def _memory_gib(compiled) -> float:
     return (used - stats.alias_size_in_bytes) / 2**30
 
 
-def _profile(run, profile_dir: str):
-    """A Perfetto trace of 5 runs in `profile_dir` (none if empty), and its kernel table."""
+def _profile(run, profile_dir: str, compiled):
+    """A Perfetto trace of 5 runs in `profile_dir` (none if empty), its kernel table, and its
+    longest kernels with the instructions of `compiled`'s optimised HLO they run."""
     if profile_dir:
         with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
             _median_seconds(run, PROFILED_RUNS)
         print(format_kernel_table(kernel_table(profile_dir, PROFILED_RUNS)), flush=True)
+        longest = fusion_table(profile_dir, PROFILED_RUNS, compiled.as_text())
+        if longest:
+            print(format_fusion_table(longest), flush=True)
 
 
 GEMM_PREFIXES = ("nvjet", "cutlass", "magma", "sm90_", "sm80_", "ampere_", "cublas")
@@ -118,10 +122,10 @@ def kernel_kind(name: str) -> str:
     return re.sub(r"([._]\d+)+$", "", name)
 
 
-def kernel_table(profile_dir: str, runs: int) -> list[tuple[str, float, float]]:
-    """(kind, ms per run, kernels per run) of the device kernels in the newest Perfetto trace
-    under `profile_dir`, longest first. Kernels are the events on device streams (their
-    `Stream` threads; the `XLA Ops` line repeats them)."""
+def device_kernels(profile_dir: str) -> list[tuple[str, float]]:
+    """(name, microseconds) of every device kernel in the newest Perfetto trace under
+    `profile_dir`: the events on device streams (their `Stream` threads; the `XLA Ops` line
+    repeats them)."""
     trace = max(Path(profile_dir).glob("plugins/profile/*/perfetto_trace.json.gz"), key=os.path.getmtime)
     with gzip.open(trace) as f:
         events = json.load(f)["traceEvents"]
@@ -131,17 +135,90 @@ def kernel_table(profile_dir: str, runs: int) -> list[tuple[str, float, float]]:
         if e.get("ph") == "M" and e["name"] in ("process_name", "thread_name")
     }
     devices = {pid for (pid, tid), name in names.items() if tid is None and "/device:" in name}
+    return [
+        (e["name"], e["dur"])
+        for e in events
+        if e.get("ph") == "X"
+        and e["pid"] in devices
+        and names.get((e["pid"], e["tid"]), "").startswith("Stream")
+    ]
+
+
+def _sum_kernels(profile_dir: str, runs: int, key) -> list[tuple[str, float, float]]:
+    """(key, ms per run, kernels per run) of the trace's device kernels grouped by `key(name)`,
+    longest first."""
     time_ms, count = collections.Counter(), collections.Counter()
-    for e in events:
-        if (
-            e.get("ph") == "X"
-            and e["pid"] in devices
-            and names.get((e["pid"], e["tid"]), "").startswith("Stream")
-        ):
-            kind = kernel_kind(e["name"])
-            time_ms[kind] += e["dur"] / 1000 / runs
-            count[kind] += 1 / runs
-    return [(kind, ms, count[kind]) for kind, ms in time_ms.most_common()]
+    for name, microseconds in device_kernels(profile_dir):
+        time_ms[key(name)] += microseconds / 1000 / runs
+        count[key(name)] += 1 / runs
+    return [(group, ms, count[group]) for group, ms in time_ms.most_common()]
+
+
+def kernel_table(profile_dir: str, runs: int) -> list[tuple[str, float, float]]:
+    """(kind, ms per run, kernels per run) of the trace's device kernels, longest first."""
+    return _sum_kernels(profile_dir, runs, kernel_kind)
+
+
+def _hlo_name(name: str) -> str:
+    """A kernel's name as the trace spells it: XLA's `loop_add_fusion.12` runs as `loop_add_fusion_12`."""
+    return re.sub(r"[.\-]", "_", name)
+
+
+def _hlo_table(hlo_text: str, title: str) -> dict[str, str]:
+    """{id: entry} of one of the tables an HLO module's text opens with (`FileNames`, ...)."""
+    block = hlo_text.partition(f"\n{title}\n")[2].partition("\n\n")[0]
+    return dict(re.findall(r"^(\d+) (.*)$", block, re.M))
+
+
+def _field(entry: str, name: str) -> str:
+    return re.search(rf"\b{name}=(\d+)", entry)[1]
+
+
+def _stack_frames(hlo_text: str) -> dict[str, str]:
+    """{stack frame id: 'file.py:line function'} from an HLO module's FileNames, FunctionNames,
+    FileLocations and StackFrames tables (an instruction names its innermost frame)."""
+    names = lambda title: {i: n.strip('"') for i, n in _hlo_table(hlo_text, title).items()}
+    files, functions = names("FileNames"), names("FunctionNames")
+    locations = {
+        i: f"{os.path.basename(files.get(_field(entry, 'file_name_id'), '?'))}:{_field(entry, 'line')} "
+        f"{functions.get(_field(entry, 'function_name_id'), '?')}"
+        for i, entry in _hlo_table(hlo_text, "FileLocations").items()
+    }
+    return {
+        i: locations.get(_field(entry, "file_location_id"), "?")
+        for i, entry in _hlo_table(hlo_text, "StackFrames").items()
+    }
+
+
+def hlo_instructions(hlo_text: str) -> dict[str, tuple[str, str]]:
+    """{kernel name: (result shape without layouts, the end of its JAX op name and the source
+    lines it comes from)} of every instruction in an HLO module's text."""
+    frames = _stack_frames(hlo_text)
+    found = {}
+    for match in re.finditer(r"^\s*(?:ROOT )?%([\w.\-]+) = (\([^)]*\)|\S+) (.*)$", hlo_text, re.M):
+        name, shape, rest = match.groups()
+        op = re.search(r'op_name="([^"]*)"', rest)
+        frame = re.search(r"stack_frame_id=(\d+)", rest)
+        where = [op[1].rsplit("/", 2)[-1] if op else "", frames.get(frame[1], "") if frame else ""]
+        found[_hlo_name(name)] = (re.sub(r"\{[^}]*\}", "", shape), " ".join(w for w in where if w))
+    return found
+
+
+def fusion_table(profile_dir: str, runs: int, hlo_text: str, top: int = 25):
+    """(kernel, ms per run, kernels per run, shape, where from) of the `top` longest kernels by
+    exact name, each with the HLO instruction it runs (library GEMMs and other kernels that are
+    not instructions get empty fields)."""
+    instructions = hlo_instructions(hlo_text)
+    return [
+        (name, ms, n) + instructions.get(_hlo_name(name), ("", ""))
+        for name, ms, n in _sum_kernels(profile_dir, runs, lambda name: name)[:top]
+    ]
+
+
+def format_fusion_table(rows) -> str:
+    lines = [f"{'longest kernels (per run)':40s} {'ms':>8s} {'count':>7s}  shape, from"]
+    lines += [f"{name[:40]:40s} {ms:8.2f} {n:7.0f}  {shape} {where}" for name, ms, n, shape, where in rows]
+    return "\n".join(lines)
 
 
 def format_kernel_table(rows, top: int = 15) -> str:
@@ -176,7 +253,7 @@ def bench_train(config: Config, batch: int, width: int, num_steps: int, profile_
     for _ in range(3):
         run()
     seconds = _median_seconds(run, num_steps, TRAIN_BURST)
-    _profile(run, profile_dir)
+    _profile(run, profile_dir, compiled)
     flops = train_flops_per_sample(config, width) * batch
     return {
         "compile_s": compile_s,
@@ -211,7 +288,7 @@ def bench_sample(
     run = lambda: compiled(params, cells, known, key, sampling)[0]
     run()
     seconds = _median_seconds(run, repeats)
-    _profile(run, profile_dir)
+    _profile(run, profile_dir, compiled)
     return {
         "compile_s": compile_s,
         "seconds": seconds,
@@ -285,7 +362,7 @@ def main(argv=None):
         "--profile",
         default="",
         help="write a Perfetto trace of 5 steps (or sampled batches) of the first case here, and "
-        "print its device kernels grouped by kind",
+        "print its device kernels grouped by kind and its longest ones with their HLO source lines",
     )
     parser.add_argument(
         "--scan_layers", action="store_true", help="level 0's blocks under lax.scan (see config.py)"

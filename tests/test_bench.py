@@ -2,7 +2,10 @@
 
 import gzip
 import json
+import re
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from tiny import TINY
 
@@ -30,9 +33,9 @@ def test_train_and_sample_cases_report_a_row():
     assert bench._format_row(train).startswith("train tiny")
 
 
-def test_kernel_table_sums_the_device_streams_per_run(tmp_path):
-    """Kernels on a device's Stream threads are grouped by kind (library GEMMs as one, fusions
-    without their numbers) and divided by the runs; the host and the XLA Ops line are left out."""
+def write_trace(folder, events):
+    """A Perfetto trace of `events` on one host and one GPU (stream thread 7, XLA Ops line 8),
+    where bench looks for it under `folder`."""
     meta = [
         {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}},
         {"ph": "M", "pid": 2, "name": "process_sort_index", "args": {"sort_index": 2}},
@@ -40,15 +43,20 @@ def test_kernel_table_sums_the_device_streams_per_run(tmp_path):
         {"ph": "M", "pid": 2, "tid": 7, "name": "thread_name", "args": {"name": "Stream #7(Compute)"}},
         {"ph": "M", "pid": 2, "tid": 8, "name": "thread_name", "args": {"name": "XLA Ops"}},
     ]
-    kernel = lambda pid, tid, name, dur: {
-        "ph": "X",
-        "pid": pid,
-        "tid": tid,
-        "name": name,
-        "dur": dur,
-        "ts": 0,
-    }
-    events = meta + [
+    trace = folder / "plugins" / "profile" / "run"
+    trace.mkdir(parents=True)
+    with gzip.open(trace / "perfetto_trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": meta + events}, f)
+
+
+def kernel(pid, tid, name, dur):
+    return {"ph": "X", "pid": pid, "tid": tid, "name": name, "dur": dur, "ts": 0}
+
+
+def test_kernel_table_sums_the_device_streams_per_run(tmp_path):
+    """Kernels on a device's Stream threads are grouped by kind (library GEMMs as one, fusions
+    without their numbers) and divided by the runs; the host and the XLA Ops line are left out."""
+    events = [
         kernel(2, 7, "loop_add_fusion_12", 3000.0),
         kernel(2, 7, "loop_add_fusion.3", 1000.0),
         kernel(2, 7, "nvjet_tst_128x64_64x4", 4000.0),
@@ -56,12 +64,29 @@ def test_kernel_table_sums_the_device_streams_per_run(tmp_path):
         kernel(2, 8, "loop_add_fusion_12", 3000.0),
         kernel(1, 5, "PjitFunction(step)", 9000.0),
     ]
-    folder = tmp_path / "plugins" / "profile" / "run"
-    folder.mkdir(parents=True)
-    with gzip.open(folder / "perfetto_trace.json.gz", "wt") as f:
-        json.dump({"traceEvents": events}, f)
+    write_trace(tmp_path, events)
     assert bench.kernel_table(str(tmp_path), runs=2) == [
         ("library GEMM", 3.0, 1.0),
         ("loop_add_fusion", 2.0, 1.0),
     ]
     assert "loop_add_fusion" in bench.format_kernel_table(bench.kernel_table(str(tmp_path), runs=2))
+
+
+def doubled_sine(x):
+    return jnp.sin(x) * 2  # the line the fusion table must name
+
+
+def test_fusion_table_names_each_kernels_hlo_instruction(tmp_path):
+    """The longest kernels by exact name come with the instruction of the optimised HLO they
+    run (XLA's `name.N` runs as `name_N`): its shape and the op and source line it comes from;
+    a library GEMM, which is no instruction, gets empty fields."""
+    hlo = jax.jit(doubled_sine).lower(jnp.ones((3, 5))).compile().as_text()
+    (fusion,) = re.findall(r"%([\w.]*fusion[\w.]*) = ", hlo)
+    kernel_name = fusion.replace(".", "_")
+    write_trace(tmp_path, [kernel(2, 7, kernel_name, 3000.0), kernel(2, 7, "nvjet_tst_64x8", 1000.0)])
+    rows = bench.fusion_table(str(tmp_path), runs=1, hlo_text=hlo)
+    line = doubled_sine.__code__.co_firstlineno + 1
+    assert rows[0][:4] == (kernel_name, 3.0, 1.0, "f32[3,5]")
+    assert f"test_bench.py:{line} doubled_sine" in rows[0][4]
+    assert rows[1] == ("nvjet_tst_64x8", 1.0, 1.0, "", "")
+    assert kernel_name in bench.format_fusion_table(rows)
