@@ -149,8 +149,9 @@ def _sum_kernels(profile_dir: str, runs: int, key) -> list[tuple[str, float, flo
     longest first."""
     time_ms, count = collections.Counter(), collections.Counter()
     for name, microseconds in device_kernels(profile_dir):
-        time_ms[key(name)] += microseconds / 1000 / runs
-        count[key(name)] += 1 / runs
+        group = key(name)
+        time_ms[group] += microseconds / 1000 / runs
+        count[group] += 1 / runs
     return [(group, ms, count[group]) for group, ms in time_ms.most_common()]
 
 

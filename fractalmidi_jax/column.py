@@ -46,6 +46,11 @@ def column_mask(num_conds: int, rows: int, cols: int) -> np.ndarray:
     return np.concatenate([conds, patches], axis=0)
 
 
+def column_tokens(rows: int, cols: int, c):
+    """Grid indices r * cols + c of column c's tokens (R ints; `c` may be traced)."""
+    return jnp.arange(rows) * cols + c
+
+
 class ColumnLevel(nnx.Module):
     handoff_neighbours = ("top", "bottom", "left")
     counts = ARLevel.counts  # every patch is predicted
@@ -118,7 +123,7 @@ class ColumnLevel(nnx.Module):
         n, num_tokens, _ = cells_NxLxP.shape
         trunk = self.trunk
         rows, cols = trunk.rows, num_tokens // trunk.rows
-        index_R = jnp.arange(rows) * cols + c
+        index_R = column_tokens(rows, cols, c)
         left_NxRxD = trunk.embed_patches(cells_NxLxP[:, jnp.maximum(index_R - 1, 0)]).astype(trunk.dtype)
         tokens = jnp.where(c == 0, self.start_token[...].astype(trunk.dtype), left_NxRxD)
         tokens = tokens + trunk.positions(index_R, cols, col_offset_N)
@@ -134,7 +139,6 @@ class ColumnLevel(nnx.Module):
         column's patches."""
         n, num_tokens, _ = cells.shape
         trunk = self.trunk
-        column_index = jnp.asarray(np.arange(grid.rows)[None, :] * grid.cols + np.arange(grid.cols)[:, None])
         visible = jnp.ones((n, num_tokens), bool)  # a column's left neighbours are drawn before it
         caches = self.prefill(conds, border, n, num_tokens)
         outputs = jnp.zeros((n, num_tokens, trunk.row_pos.shape[-1]), trunk.dtype)
@@ -142,7 +146,7 @@ class ColumnLevel(nnx.Module):
         def step(c, state):
             cells, outputs, caches = state
             h_NxRxD, caches = self.decode(caches, cells, c, col_offset_N, known)
-            index_NxR = jnp.broadcast_to(column_index[c], (n, grid.rows))
+            index_NxR = jnp.broadcast_to(column_tokens(grid.rows, grid.cols, c), (n, grid.rows))
             outputs = grid_lib.put_tokens(outputs, index_NxR, h_NxRxD)
             child_conds = trunk.handoff(outputs, index_NxR, grid, self.handoff_neighbours, num_out)
             borders = sampler.child_borders(k, cells, visible, border, grid, index_NxR)
