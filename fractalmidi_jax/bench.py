@@ -21,6 +21,7 @@ import re
 import statistics
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -100,13 +101,15 @@ def _memory_gib(compiled) -> float:
 
 
 def _profile(run, profile_dir: str, compiled):
-    """A Perfetto trace of 5 runs in `profile_dir` (none if empty), its kernel table, and its
-    longest kernels with the instructions of `compiled`'s optimised HLO they run."""
+    """A Perfetto trace of 5 runs in `profile_dir` (none if empty), its kernels by kind and by
+    level, and its longest kernels with the instructions of `compiled`'s optimised HLO they run."""
     if profile_dir:
         with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
             _median_seconds(run, PROFILED_RUNS)
         print(format_kernel_table(kernel_table(profile_dir, PROFILED_RUNS)), flush=True)
-        longest = fusion_table(profile_dir, PROFILED_RUNS, compiled.as_text())
+        hlo_text = compiled.as_text()
+        print(format_kernel_table(level_table(profile_dir, PROFILED_RUNS, hlo_text), "by level"), flush=True)
+        longest = fusion_table(profile_dir, PROFILED_RUNS, hlo_text)
         if longest:
             print(format_fusion_table(longest), flush=True)
 
@@ -122,10 +125,19 @@ def kernel_kind(name: str) -> str:
     return re.sub(r"([._]\d+)+$", "", name)
 
 
-def device_kernels(profile_dir: str) -> list[tuple[str, float]]:
-    """(name, microseconds) of every device kernel in the newest Perfetto trace under
-    `profile_dir`: the events on device streams (their `Stream` threads; the `XLA Ops` line
-    repeats them)."""
+class Kernel(NamedTuple):
+    """A device kernel of a trace: its name, microseconds, and the HLO instruction it runs where
+    the trace names one (a library GEMM's kernel is named by the library, its instruction in
+    `hlo_op`), else ""."""
+
+    name: str
+    microseconds: float
+    hlo_op: str
+
+
+def device_kernels(profile_dir: str) -> list[Kernel]:
+    """Every device kernel in the newest Perfetto trace under `profile_dir`: the events on device
+    streams (their `Stream` threads; the `XLA Ops` line repeats them)."""
     trace = max(Path(profile_dir).glob("plugins/profile/*/perfetto_trace.json.gz"), key=os.path.getmtime)
     with gzip.open(trace) as f:
         events = json.load(f)["traceEvents"]
@@ -136,7 +148,7 @@ def device_kernels(profile_dir: str) -> list[tuple[str, float]]:
     }
     devices = {pid for (pid, tid), name in names.items() if tid is None and "/device:" in name}
     return [
-        (e["name"], e["dur"])
+        Kernel(e["name"], e["dur"], e.get("args", {}).get("hlo_op", ""))
         for e in events
         if e.get("ph") == "X"
         and e["pid"] in devices
@@ -145,19 +157,19 @@ def device_kernels(profile_dir: str) -> list[tuple[str, float]]:
 
 
 def _sum_kernels(profile_dir: str, runs: int, key) -> list[tuple[str, float, float]]:
-    """(key, ms per run, kernels per run) of the trace's device kernels grouped by `key(name)`,
+    """(key, ms per run, kernels per run) of the trace's device kernels grouped by `key(kernel)`,
     longest first."""
     time_ms, count = collections.Counter(), collections.Counter()
-    for name, microseconds in device_kernels(profile_dir):
-        group = key(name)
-        time_ms[group] += microseconds / 1000 / runs
+    for kernel in device_kernels(profile_dir):
+        group = key(kernel)
+        time_ms[group] += kernel.microseconds / 1000 / runs
         count[group] += 1 / runs
     return [(group, ms, count[group]) for group, ms in time_ms.most_common()]
 
 
 def kernel_table(profile_dir: str, runs: int) -> list[tuple[str, float, float]]:
     """(kind, ms per run, kernels per run) of the trace's device kernels, longest first."""
-    return _sum_kernels(profile_dir, runs, kernel_kind)
+    return _sum_kernels(profile_dir, runs, lambda kernel: kernel_kind(kernel.name))
 
 
 def _hlo_name(name: str) -> str:
@@ -191,29 +203,72 @@ def _stack_frames(hlo_text: str) -> dict[str, str]:
     }
 
 
-def hlo_instructions(hlo_text: str) -> dict[str, tuple[str, str]]:
-    """{kernel name: (result shape without layouts, the end of its JAX op name and the source
-    lines it comes from)} of every instruction in an HLO module's text."""
+class Instruction(NamedTuple):
+    """An instruction of an optimised HLO module: its result shape without layouts, its JAX op
+    name (the named scopes it was traced under, then the op) and the source line it comes from."""
+
+    shape: str
+    op_name: str
+    source: str
+
+    def where(self) -> str:
+        """The end of its op name and its source line."""
+        return " ".join(w for w in (self.op_name.rsplit("/", 2)[-1], self.source) if w)
+
+
+def hlo_instructions(hlo_text: str) -> dict[str, Instruction]:
+    """{kernel name: Instruction} of every instruction in an HLO module's text."""
     frames = _stack_frames(hlo_text)
     found = {}
     for match in re.finditer(r"^\s*(?:ROOT )?%([\w.\-]+) = (\([^)]*\)|\S+) (.*)$", hlo_text, re.M):
         name, shape, rest = match.groups()
         op = re.search(r'op_name="([^"]*)"', rest)
         frame = re.search(r"stack_frame_id=(\d+)", rest)
-        where = [op[1].rsplit("/", 2)[-1] if op else "", frames.get(frame[1], "") if frame else ""]
-        found[_hlo_name(name)] = (re.sub(r"\{[^}]*\}", "", shape), " ".join(w for w in where if w))
+        found[_hlo_name(name)] = Instruction(
+            re.sub(r"\{[^}]*\}", "", shape), op[1] if op else "", frames.get(frame[1], "") if frame else ""
+        )
     return found
 
 
+def _instruction_of(kernel: Kernel, instructions: dict[str, Instruction]) -> Instruction | None:
+    return instructions.get(_hlo_name(kernel.hlo_op or kernel.name))
+
+
 def fusion_table(profile_dir: str, runs: int, hlo_text: str, top: int = 25):
-    """(kernel, ms per run, kernels per run, shape, where from) of the `top` longest kernels by
-    exact name, each with the HLO instruction it runs (library GEMMs and other kernels that are
-    not instructions get empty fields)."""
+    """(kernel, ms per run, kernels per run, shape, where from: the end of its op name and its
+    source line) of the `top` longest kernels by exact name, each with the HLO instruction it
+    runs (kernels the trace ties to no instruction get empty fields)."""
     instructions = hlo_instructions(hlo_text)
-    return [
-        (name, ms, n) + instructions.get(_hlo_name(name), ("", ""))
-        for name, ms, n in _sum_kernels(profile_dir, runs, lambda name: name)[:top]
-    ]
+    by_name = {kernel.name: kernel for kernel in device_kernels(profile_dir)}
+    rows = []
+    for name, ms, n in _sum_kernels(profile_dir, runs, lambda kernel: kernel.name)[:top]:
+        found = _instruction_of(by_name[name], instructions) or Instruction("", "", "")
+        rows.append((name, ms, n, found.shape, found.where()))
+    return rows
+
+
+# The named scopes fractal_loss and the sampler trace each level and the cell head under.
+LEVEL_SCOPE = re.compile(r"\b(level_\d+|head)\b")
+OUTSIDE_LEVELS = "outside the levels (optimizer, inputs, loss)"
+UNNAMED = "no HLO instruction named by the trace"
+
+
+def part_of_model(instruction: Instruction | None) -> str:
+    """The level (`level_k`) or `head` whose scope an instruction was traced under, the
+    innermost where scopes nest (a sampler level calls the levels below)."""
+    if instruction is None:
+        return UNNAMED
+    scopes = LEVEL_SCOPE.findall(instruction.op_name)
+    return scopes[-1] if scopes else OUTSIDE_LEVELS
+
+
+def level_table(profile_dir: str, runs: int, hlo_text: str) -> list[tuple[str, float, float]]:
+    """(level, ms per run, kernels per run) of the trace's device kernels, by the model part
+    (`part_of_model`) of the instruction each runs, longest first."""
+    instructions = hlo_instructions(hlo_text)
+    return _sum_kernels(
+        profile_dir, runs, lambda kernel: part_of_model(_instruction_of(kernel, instructions))
+    )
 
 
 def format_fusion_table(rows) -> str:
@@ -222,10 +277,11 @@ def format_fusion_table(rows) -> str:
     return "\n".join(lines)
 
 
-def format_kernel_table(rows, top: int = 15) -> str:
+def format_kernel_table(rows, grouped: str = "", top: int = 15) -> str:
     if not rows:
         return "no device kernels in the trace (a CPU run)"
-    lines = [f"{'kernels (per run)':40s} {'ms':>8s} {'count':>7s}"]
+    title = f"kernels {grouped} (per run)" if grouped else "kernels (per run)"
+    lines = [f"{title:40s} {'ms':>8s} {'count':>7s}"]
     lines += [f"{kind[:40]:40s} {ms:8.2f} {n:7.0f}" for kind, ms, n in rows[:top]]
     lines.append(
         f"{'all ' + str(len(rows)) + ' kinds':40s} {sum(r[1] for r in rows):8.2f} {sum(r[2] for r in rows):7.0f}"
@@ -363,7 +419,8 @@ def main(argv=None):
         "--profile",
         default="",
         help="write a Perfetto trace of 5 steps (or sampled batches) of the first case here, and "
-        "print its device kernels grouped by kind and its longest ones with their HLO source lines",
+        "print its device kernels grouped by kind and by level, and its longest ones with their HLO "
+        "source lines",
     )
     parser.add_argument(
         "--scan_layers", action="store_true", help="level 0's blocks under lax.scan (see config.py)"
@@ -380,6 +437,18 @@ def main(argv=None):
         type=int,
         default=Config.skip_empty,
         help="levels, from level 0, that skip empty patches (sparse.py; 0 = none)",
+    )
+    parser.add_argument(
+        "--token_budget",
+        type=float,
+        default=Config.token_budget,
+        help="training: tokens handed down per sequence, of all (config.py; 0 = the mean mask ratio)",
+    )
+    parser.add_argument(
+        "--empty_budget",
+        type=float,
+        default=Config.empty_budget,
+        help="training: budget share kept for empty patches below the skipping levels (sparse.py)",
     )
     parser.add_argument(
         "--skip_empty_capacity",
@@ -405,6 +474,8 @@ def main(argv=None):
         proj_dropout=args.dropout,
         scan_layers=args.scan_layers,
         skip_empty=args.skip_empty,
+        token_budget=args.token_budget,
+        empty_budget=args.empty_budget,
         **sampling,
     )
     if args.faithful:

@@ -63,6 +63,7 @@ class Config:
     skip_empty: int = 1  # levels, from level 0, that hand down only the non-empty child patches (sparse.py)
     skip_empty_budget: float = 0.35  # skip_empty, training: non-empty patches handed down, of all tokens
     skip_empty_capacity: float = 0.6  # skip_empty, sampling: slots per pass, of the patches drawn (sparse.py)
+    empty_budget: float = 0.0  # training, levels that do not skip: budget share kept for empty patches (sparse.py; 0 = no strata)
     skip_empty_round_buckets: int = 1  # skip_empty, sampling: level-0 round shapes compiled (mar.py)
     conditions: tuple[str, ...] = ()  # per-bar level-0 conditions computed from the roll: chords, density
     condition_dropout: float = 0.1  # training: chance a sample loses all its conditions, and each alone
@@ -209,6 +210,10 @@ class Config:
             errors.append(
                 f"skip_empty={self.skip_empty} must be in 0..{max(n - 2, 0)}: a level skips empty patches only "
                 "above the last generator level (1 = bars, 2 = bars and 4 x 4s in the default sizes)"
+            )
+        if not 0.0 <= self.empty_budget < 1.0:
+            errors.append(
+                f"empty_budget={self.empty_budget} must be in [0, 1): a share of each budget (0 = no strata)"
             )
         if not 0.0 <= self.token_budget <= 1.0:
             errors.append(f"token_budget={self.token_budget} must be in [0, 1] (0 = the mean mask ratio)")

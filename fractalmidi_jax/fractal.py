@@ -170,45 +170,50 @@ def fractal_loss(model: FractalModel, config: Config, batch: dict, rng, train: b
         count_N = counts[k][index].reshape(-1)
         last = k == config.num_levels - 1
         num_out = 1 if last else NUM_HANDOFF_CONDS
-        nonempty_NxL = ~sparse.is_empty(jnp.where(known, 0, cells)) if k < config.skip_empty else None
-        out = level.train(
-            cells,
-            conds,
-            border,
-            count_N,
-            level_budgets[k],
-            num_out,
-            col_offset,
-            order_rng,
-            dropout_rng if train else None,
-            known_NxLxP=known,
-            nonempty_NxL=nonempty_NxL,
-        )
-        handed_from_N = count_N
-        if out.empty_logits_NxL is not None:  # skip_empty: every predicted patch's emptiness, exactly
-            scored_NxL = out.predicted_NxL & jnp.any(in_roll, axis=-1)
-            bce_NxL = optax.sigmoid_binary_cross_entropy(
-                out.empty_logits_NxL, (~nonempty_NxL).astype(jnp.float32)
+        stratified = k < config.skip_empty or config.empty_budget > 0
+        nonempty_NxL = ~sparse.is_empty(jnp.where(known, 0, cells)) if stratified else None
+        with jax.named_scope(f"level_{k}"):  # bench --profile times each level
+            out = level.train(
+                cells,
+                conds,
+                border,
+                count_N,
+                level_budgets[k],
+                num_out,
+                col_offset,
+                order_rng,
+                dropout_rng if train else None,
+                known_NxLxP=known,
+                nonempty_NxL=nonempty_NxL,
             )
-            empty_nats[k] = jnp.sum(weight[:, None] * jnp.where(scored_NxL, bce_NxL, 0.0))
-            handed_from_N = jnp.sum(out.predicted_NxL & nonempty_NxL, axis=1)
-        stats[f"level_{k}/masked_fraction"] = jnp.mean(count_N) / num_tokens[k]
-        stats[f"level_{k}/budget_dropped"] = jnp.mean(
-            jnp.maximum(handed_from_N - level_budgets[k], 0) / jnp.maximum(handed_from_N, 1)
-        )
-        weight = (weight[:, None] * out.weight_NxK).reshape(-1)
-        index_NxK, visible_NxL = out.index_NxK, out.visible_NxL
-        if config.border_context and not last:
-            grid = level.trunk.grid(num_tokens[k] // level.trunk.rows)
-            borders = level.trunk.child_borders(cells, visible_NxL, border, grid, known)
-            border = gather_borders(borders, index_NxK)
-        side, child_patch = sizes[k + 1], sizes[min(k + 2, len(sizes) - 1)]
-        cells, in_roll, known = (_hand_down(x, index_NxK, side, child_patch) for x in (cells, in_roll, known))
-        conds = out.conds_NxKxOxD.reshape((-1,) + out.conds_NxKxOxD.shape[2:])
+            handed_from_N = count_N
+            if out.empty_logits_NxL is not None:  # skip_empty: every predicted patch's emptiness, exactly
+                scored_NxL = out.predicted_NxL & jnp.any(in_roll, axis=-1)
+                bce_NxL = optax.sigmoid_binary_cross_entropy(
+                    out.empty_logits_NxL, (~nonempty_NxL).astype(jnp.float32)
+                )
+                empty_nats[k] = jnp.sum(weight[:, None] * jnp.where(scored_NxL, bce_NxL, 0.0))
+                handed_from_N = jnp.sum(out.predicted_NxL & nonempty_NxL, axis=1)
+            stats[f"level_{k}/masked_fraction"] = jnp.mean(count_N) / num_tokens[k]
+            stats[f"level_{k}/budget_dropped"] = jnp.mean(
+                jnp.maximum(handed_from_N - level_budgets[k], 0) / jnp.maximum(handed_from_N, 1)
+            )
+            weight = (weight[:, None] * out.weight_NxK).reshape(-1)
+            index_NxK, visible_NxL = out.index_NxK, out.visible_NxL
+            if config.border_context and not last:
+                grid = level.trunk.grid(num_tokens[k] // level.trunk.rows)
+                borders = level.trunk.child_borders(cells, visible_NxL, border, grid, known)
+                border = gather_borders(borders, index_NxK)
+            side, child_patch = sizes[k + 1], sizes[min(k + 2, len(sizes) - 1)]
+            cells, in_roll, known = (
+                _hand_down(x, index_NxK, side, child_patch) for x in (cells, in_roll, known)
+            )
+            conds = out.conds_NxKxOxD.reshape((-1,) + out.conds_NxKxOxD.shape[2:])
         col_offset = None
     target_N = cells.reshape(-1)
-    logits = model.head.logits(conds[:, 0])
-    cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, target_N)
+    with jax.named_scope("head"):
+        logits = model.head.logits(conds[:, 0])
+        cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, target_N)
     weight = weight * (in_roll & ~known).reshape(-1)
     reached_per_level = _reached(counts)
     reached = jnp.sum(reached_per_level[-1] * sample_weight) * (width / full_width)

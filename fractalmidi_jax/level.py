@@ -102,6 +102,7 @@ class LevelTrunk(nnx.Module):
         if self.partial_known:
             self.known_embed = dense(self.patch * self.patch * (channels + 1), width, self.dtype, rngs)
         self.skips_empty = level < config.skip_empty
+        self.empty_budget = 0.0 if self.skips_empty else config.empty_budget
         if self.skips_empty:
             self.empty_head = sparse.EmptyHead(width, rngs)
         self.cond_pos = nnx.Param(embedding_init(rngs.params(), (self.num_conds, width)))
@@ -197,17 +198,23 @@ class LevelTrunk(nnx.Module):
         """`train`'s results: the first `budget` tokens of the random order hand down (a level puts
         the count_N tokens it predicts first), weighted as masking.budget_weights says; with
         skip_empty only the non-empty predicted tokens (`nonempty_NxL`: the true patches'), as
-        sparse.nonempty_first says. Token t's output is h[:, offset + t]."""
+        sparse.nonempty_first says; with empty_budget in strata of non-empty and empty predicted
+        tokens (sparse.stratified_budget). Token t's output is h[:, offset + t]."""
         num_tokens = order_NxL.shape[1]
         empty_logits = None
+        reserved = sparse.empty_slots(budget, self.empty_budget)
         if self.skips_empty:
             order_NxL, count_N = sparse.nonempty_first(order_NxL, predicted_NxL & nonempty_NxL, budget)
             empty_logits = self.empty_head(h_NxTxD[:, offset : offset + num_tokens])
-        index_NxK = order_NxL[:, :budget]
+        if reserved:
+            index_NxK, weights = sparse.stratified_budget(
+                order_NxL, predicted_NxL, nonempty_NxL, budget, reserved
+            )
+        else:
+            index_NxK, weights = order_NxL[:, :budget], masking.budget_weights(count_N, budget)
         conds = self.handoff(
             h_NxTxD, index_NxK, self.grid(num_tokens // self.rows), neighbours, num_out, offset
         )
-        weights = masking.budget_weights(count_N, budget)
         return HandDown(index_NxK, weights, conds, visible_NxL, empty_logits, predicted_NxL)
 
     def hand_down_a_random_budget(

@@ -62,7 +62,8 @@ class _Sampler:
         col_offset = sampling_offsets(n, grid.cols, level.trunk.max_cols) if k == 0 else None
         if k == 0 and self.bar_vectors is not None:
             col_offset = ConditionedColumns(col_offset, self.bar_vectors)
-        cells = level.generate(self, k, grid, conds, cells, known, border, num_out, rng, col_offset)
+        with jax.named_scope(f"level_{k}"):  # bench --profile times each level
+            cells = level.generate(self, k, grid, conds, cells, known, border, num_out, rng, col_offset)
         return grid_lib.unpatchify(cells, grid.rows, grid.cols, p)
 
     def child_borders(self, k, cells_NxLxP, visible_NxL, border, grid, index_NxK, known_NxLxP=None):
@@ -92,7 +93,8 @@ class _Sampler:
         n, count = cells_NxKxP.shape[:2]
         flat = lambda x: x.reshape((n * count,) + x.shape[2:])
         if k == self.config.num_levels - 1:
-            drawn = self.model.head.sample(flat(conds_NxKxOxD)[:, 0], rng, self.sampling, self.guide)
+            with jax.named_scope("head"):
+                drawn = self.model.head.sample(flat(conds_NxKxOxD)[:, 0], rng, self.sampling, self.guide)
             out = jnp.where(flat(known_NxKxP)[:, 0], flat(cells_NxKxP)[:, 0], drawn)
             return out.reshape(n, count, -1)
         side = self.config.img_size_list[k + 1]

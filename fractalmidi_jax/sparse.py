@@ -19,6 +19,14 @@ ceil(skip_empty_budget x L) slots: the first K non-empty tokens of the level's r
 among those it predicts (a uniform random subset of them), each weighted n / min(n, K) for n
 such tokens (masking.budget_weights), so the loss stays an unbiased estimate.
 
+Below the skipping levels (`empty_budget`, training only): a level still hands down empty
+patches, which the levels below must learn to leave silent, but an empty patch's loss is small
+and much like any other's, so a few of them stand for the rest. `stratified_budget` splits a
+budget of K slots into a stratum of non-empty and one of empty patches, each a uniform random
+subset of its patches with its own Horvitz-Thompson weight (n / k for k of n): the loss stays an
+unbiased estimate with fewer slots than one uniform budget needs. The same split works one
+level further down, where the patches are cells and empty means silent.
+
 Sampling (`fill_nonempty`): a level draws its patches' emptiness as the head draws cells (the
 same guidance, temperature and min-p; a patch with a known sounding cell is not empty); the
 non-empty patches of the whole call, across its sequences, are packed into ceil(skip_empty_capacity
@@ -59,6 +67,41 @@ def nonempty_first(order_NxL, eligible_NxL, budget: int):
     rank_NxL = jnp.argsort(~eligible_in_order, axis=1, stable=True)[:, :budget]
     count_N = jnp.sum(eligible_NxL, axis=1).astype(jnp.int32)
     return jnp.take_along_axis(order_NxL, rank_NxL, axis=1), count_N
+
+
+def empty_slots(budget: int, empty_budget: float) -> int:
+    """Slots of a budget kept for empty patches: `empty_budget` of them, at least one and at most
+    budget - 1; 0 (no strata) for empty_budget 0 or a budget of one slot."""
+    if empty_budget <= 0 or budget < 2:
+        return 0
+    return min(budget - 1, max(1, round(empty_budget * budget)))
+
+
+def stratified_budget(order_NxL, predicted_NxL, nonempty_NxL, budget: int, reserved: int):
+    """(index_NxK, weight_NxK): the K = `budget` tokens a sequence hands down and their weights.
+    Of the n1 non-empty and n0 empty predicted tokens, k0 = min(n0, max(reserved, K - n1)) empty
+    and k1 = min(n1, K - k0) non-empty ones: the first of each stratum in `order` (a random
+    order), weighted n1 / k1 and n0 / k0 (both strata get a slot whenever they have a token:
+    reserved is in 1..K-1); slots left over hold some token at weight 0."""
+    nonempty_in_order = jnp.take_along_axis(predicted_NxL & nonempty_NxL, order_NxL, axis=1)
+    empty_in_order = jnp.take_along_axis(predicted_NxL & ~nonempty_NxL, order_NxL, axis=1)
+    stratum_in_order = jnp.where(nonempty_in_order, 0, jnp.where(empty_in_order, 1, 2))
+    by_stratum_NxL = jnp.take_along_axis(
+        order_NxL, jnp.argsort(stratum_in_order, axis=1, stable=True), axis=1
+    )
+    n1 = jnp.sum(nonempty_in_order, axis=1, keepdims=True)
+    n0 = jnp.sum(empty_in_order, axis=1, keepdims=True)
+    k0 = jnp.minimum(n0, jnp.maximum(reserved, budget - n1))
+    k1 = jnp.minimum(n1, budget - k0)
+    slot_K = jnp.arange(budget)[None, :]
+    in_first, in_second = slot_K < k1, (slot_K >= k1) & (slot_K < k1 + k0)
+    # The empty stratum starts at n1 in the stratum order; a slot left over takes any token.
+    position_NxK = jnp.where(in_second, n1 + slot_K - k1, slot_K)
+    index_NxK = jnp.take_along_axis(by_stratum_NxL, position_NxK, axis=1)
+    weight_NxK = jnp.where(
+        in_first, n1 / jnp.maximum(k1, 1), jnp.where(in_second, n0 / jnp.maximum(k0, 1), 0.0)
+    )
+    return index_NxK, weight_NxK.astype(jnp.float32)
 
 
 def fill_nonempty(fill, nonempty_M, inputs, slots: int, empty_MxP, rng):

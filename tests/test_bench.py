@@ -90,3 +90,40 @@ def test_fusion_table_names_each_kernels_hlo_instruction(tmp_path):
     assert f"test_bench.py:{line} doubled_sine" in rows[0][4]
     assert rows[1] == ("nvjet_tst_64x8", 1.0, 1.0, "", "")
     assert kernel_name in bench.format_fusion_table(rows)
+
+
+def two_levels(x):
+    with jax.named_scope("level_0"):
+        x = jnp.sin(x @ x.T) * 2
+    with jax.named_scope("head"):
+        return jnp.cos(x @ x) * 3
+
+
+def test_level_table_times_each_level_by_the_scope_its_instruction_was_traced_under(tmp_path):
+    """Kernels go to the level (or head) whose named scope their HLO instruction carries, the
+    innermost where scopes nest; a library kernel is found through the trace's `hlo_op`; a
+    kernel the trace ties to no instruction is counted apart."""
+    hlo = jax.jit(two_levels).lower(jnp.ones((5, 5))).compile().as_text()
+    instructions = bench.hlo_instructions(hlo)
+    fusions = {bench.part_of_model(i): name for name, i in instructions.items() if "fusion" in name}
+    (product,) = [name for name, i in instructions.items() if i.op_name.endswith("level_0/dot_general")]
+    assert {"level_0", "head"} <= set(fusions)
+    library_gemm = kernel(2, 7, "nvjet_tst_64x8", 500.0)
+    library_gemm["args"] = {"hlo_op": product[::-1].replace("_", ".", 1)[::-1]}  # dot_general.2
+    events = [
+        kernel(2, 7, fusions["level_0"], 3000.0),
+        kernel(2, 7, fusions["head"], 1000.0),
+        library_gemm,
+        kernel(2, 7, "memcpy_unknown", 250.0),
+    ]
+    write_trace(tmp_path, events)
+    assert bench.level_table(str(tmp_path), runs=1, hlo_text=hlo) == [
+        ("level_0", 3.5, 2.0),
+        ("head", 1.0, 1.0),
+        (bench.UNNAMED, 0.25, 1.0),
+    ]
+    nested = bench.Instruction("f32[2]", "jit(run)/level_0/while/body/level_1/head/mul", "")
+    assert bench.part_of_model(nested) == "head"
+    backward = bench.Instruction("f32[2]", "jit(step)/transpose(jvp(level_2))/dot_general", "")
+    assert bench.part_of_model(backward) == "level_2"
+    assert bench.part_of_model(bench.Instruction("f32[]", "jit(step)/adamw/add", "")) == bench.OUTSIDE_LEVELS

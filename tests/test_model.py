@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 from tiny import TINY, empty_bias, tiny
 
-from fractalmidi_jax import masking
+from fractalmidi_jax import masking, sparse
 from fractalmidi_jax import roll as roll_lib
 from fractalmidi_jax import sampler as sampler_lib
 from fractalmidi_jax.ar import ARLevel
@@ -555,6 +555,51 @@ def test_skip_empty_budget_keeps_the_loss_unbiased(monkeypatch):
     report += f", unweighted {unweighted:.4f} +- {unweighted_se:.4f}"
     print(report)
     assert abs(unweighted - exact) > 4 * math.hypot(unweighted_se, exact_se), report
+
+
+def test_stratified_budget_keeps_the_loss_unbiased(monkeypatch):
+    """With empty_budget, every level (a MAR level 0 and two column levels, none skipping) hands
+    down 2 of its 8 or 4 of its 16 tokens in strata of non-empty and empty patches (cells, at
+    the last level); the mean of fractal_loss equals its mean when every predicted token goes
+    down (token_budget 1), within 4 standard errors, and the same slots with one weight for both
+    strata are rejected."""
+    width = 16
+    common = dict(
+        crop_length=width,
+        max_crop_length=width,
+        border_context=False,
+        generator_types=("mar", "column", "column"),
+    )
+    config, full = tiny(**common, token_budget=0.25, empty_budget=0.5), tiny(**common, token_budget=1.0)
+    assert budgets(config, width) == [2, 4, 4] and budgets(full, width) == [8, 16, 16]
+    graphdef, params = nnx.split(sensitive_model(config))
+    graphdefs = {config: graphdef, full: nnx.split(build_model(full))[0]}  # the same parameters
+    roll, draws = busy_roll(width), keys(SKIP_DRAWS, seed=3)
+
+    def mean_loss(cfg):
+        losses = losses_fn(graphdefs[cfg], cfg)
+        return mean_and_se(
+            np.concatenate([losses(params, roll, draws[i : i + 200])[0] for i in range(0, SKIP_DRAWS, 200)])
+        )
+
+    (stratified, se), (exact, exact_se) = mean_loss(config), mean_loss(full)
+    report = f"stratified {stratified:.4f} +- {se:.4f}, every token {exact:.4f} +- {exact_se:.4f}"
+    assert abs(stratified - exact) < 4 * math.hypot(se, exact_se), report
+    strata = sparse.stratified_budget
+
+    def one_weight(*args):  # the slots' total weight shared evenly: the strata's own odds ignored
+        index_NxK, weight_NxK = strata(*args)
+        kept_NxK = weight_NxK > 0
+        shared = weight_NxK.sum(1, keepdims=True) / jnp.maximum(kept_NxK.sum(1, keepdims=True), 1)
+        return index_NxK, jnp.where(kept_NxK, shared, 0.0)
+
+    monkeypatch.setattr(sparse, "stratified_budget", one_weight)
+    losses_fn.cache_clear()
+    pooled, pooled_se = mean_loss(config)
+    losses_fn.cache_clear()
+    report += f", one weight {pooled:.4f} +- {pooled_se:.4f}"
+    print(report)
+    assert abs(pooled - exact) > 4 * math.hypot(pooled_se, exact_se), report
 
 
 @pytest.mark.parametrize("train", [True, False])

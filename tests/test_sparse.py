@@ -26,6 +26,33 @@ def test_nonempty_first_takes_the_first_eligible_tokens_of_the_order():
     np.testing.assert_array_equal(count, [3, 1])
 
 
+def test_stratified_budget_gives_each_stratum_its_own_weight():
+    """Row 0: 3 non-empty and 2 empty predicted tokens, 3 slots, 1 kept for empties: the first two
+    non-empty tokens of the order (weight 3/2) and the first empty one (weight 2). Row 1: one
+    non-empty token only, so it takes one slot (weight 1) and the empties the rest (weight 4/2).
+    Row 2: nothing predicted but token 1, non-empty: the other slots are left over at weight 0."""
+    order = jnp.asarray([[4, 2, 0, 1, 3, 5], [0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0]])
+    predicted = jnp.asarray([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 0], [0, 1, 0, 0, 0, 0]], bool)
+    nonempty = jnp.asarray([[1, 0, 1, 0, 1, 1], [0, 0, 0, 1, 0, 0], [0, 1, 0, 0, 0, 0]], bool)
+    index, weight = sparse.stratified_budget(order, predicted, nonempty, budget=3, reserved=1)
+    np.testing.assert_array_equal(index[0], [4, 2, 1])
+    np.testing.assert_allclose(weight[0], [1.5, 1.5, 2.0])
+    np.testing.assert_array_equal(index[1, :1], [3])
+    assert set(np.asarray(index[1, 1:])) <= {0, 1, 2, 4}
+    np.testing.assert_allclose(weight[1], [1.0, 2.0, 2.0])
+    assert index[2, 0] == 1
+    np.testing.assert_allclose(weight[2], [1.0, 0.0, 0.0])
+    assert [
+        sparse.empty_slots(k, share) for k, share in ((4, 0.5), (4, 0.1), (4, 0.99), (1, 0.5), (4, 0))
+    ] == [
+        2,
+        1,
+        3,
+        0,
+        0,
+    ]
+
+
 def test_is_empty_means_every_cell_silent():
     cells = jnp.asarray([[[0, 0, 0], [0, 128, 0], [5, 0, 0]]])
     np.testing.assert_array_equal(sparse.is_empty(cells), [[True, False, False]])
