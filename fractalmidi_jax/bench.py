@@ -231,7 +231,11 @@ def hlo_instructions(hlo_text: str) -> dict[str, Instruction]:
 
 
 def _instruction_of(kernel: Kernel, instructions: dict[str, Instruction]) -> Instruction | None:
-    return instructions.get(_hlo_name(kernel.hlo_op or kernel.name))
+    """The instruction a kernel runs: a fusion's kernel bears its name; a library kernel is named by
+    its library and the trace's `hlo_op` names its instruction, unless the kernel ran inside a
+    CUDA graph (then `hlo_op` names the graph: XLA_FLAGS=--xla_gpu_enable_command_buffer= runs
+    without them)."""
+    return instructions.get(_hlo_name(kernel.name)) or instructions.get(_hlo_name(kernel.hlo_op))
 
 
 def fusion_table(profile_dir: str, runs: int, hlo_text: str, top: int = 25):
