@@ -37,9 +37,15 @@ from fractalmidi_jax.head import Sampling
 
 PEAK_BF16_FLOPS = 989e12  # H200 dense bf16, the vendor's figure
 ALL_AR = ("ar", "ar", "ar", "ar")
-# The FractalMIDI-faithful model (--faithful): all MAR levels over the per-cell velocity roll.
+# The FractalMIDI-faithful model (--faithful): all MAR levels over the per-cell velocity roll, each
+# handing down the mean share of tokens it hides, uniformly.
 FAITHFUL = dict(
-    roll="velocity", generator_types=("mar", "mar", "mar", "mar"), border_context=False, skip_empty=0
+    roll="velocity",
+    generator_types=("mar", "mar", "mar", "mar"),
+    border_context=False,
+    skip_empty=0,
+    token_budget=0.0,
+    empty_budget=0.0,
 )
 
 # name: (kind, width, batch, precision, generator types, reference seconds per step or batch)

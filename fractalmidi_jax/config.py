@@ -63,11 +63,11 @@ class Config:
     skip_empty: int = 1  # levels, from level 0, that hand down only the non-empty child patches (sparse.py)
     skip_empty_budget: float = 0.35  # skip_empty, training: non-empty patches handed down, of all tokens
     skip_empty_capacity: float = 0.6  # skip_empty, sampling: slots per pass, of the patches drawn (sparse.py)
-    empty_budget: float = 0.0  # training, levels that do not skip: budget share kept for empty patches (sparse.py; 0 = no strata)
+    empty_budget: float = 0.2  # training, levels that do not skip: budget share for empty patches (sparse.py; 0 = no strata)
     skip_empty_round_buckets: int = 1  # skip_empty, sampling: level-0 round shapes compiled (mar.py)
     conditions: tuple[str, ...] = ()  # per-bar level-0 conditions computed from the roll: chords, density
     condition_dropout: float = 0.1  # training: chance a sample loses all its conditions, and each alone
-    token_budget: float = 0.0  # tokens passed down per sequence, as a fraction (0 = the mean mask ratio)
+    token_budget: float = 0.375  # tokens passed down per sequence, as a fraction (0 = the mean mask ratio)
     attn_dropout: float = 0.1  # dropout on attention weights
     proj_dropout: float = 0.1  # dropout after attention and MLP projections
     max_crop_length: int = 512  # widest roll the level-0 time positions cover (steps)
