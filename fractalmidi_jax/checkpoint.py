@@ -67,12 +67,14 @@ def checkpoint_name(step: int, val_loss: float | None) -> str:
     return name if val_loss is None else f"{name}-val_loss_{val_loss:.4f}"
 
 
-# Model fields that checkpoints written before them lack, with the value those checkpoints hold.
+# Fields that checkpoints written before them lack, with the value those checkpoints hold (an
+# old checkpoint's NLL is then estimated with the budget it trained with).
 FIELDS_BEFORE_THEY_EXISTED = {
     "roll": "velocity",
     "border_context": False,
     "partial_known": False,
     "skip_empty": 0,
+    "empty_budget": 0.0,
     "temperature": 1.0,
     "min_p": 0.0,
     "conditions": [],
