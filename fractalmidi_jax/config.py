@@ -63,7 +63,7 @@ class Config:
     skip_empty: int = 1  # levels, from level 0, that hand down only the non-empty child patches (sparse.py)
     skip_empty_budget: float = 0.35  # skip_empty, training: non-empty patches handed down, of all tokens
     skip_empty_capacity: float = 0.6  # skip_empty, sampling: slots per pass, of the patches drawn (sparse.py)
-    empty_budget: float = 0.2  # training, levels that do not skip: budget share of empty patches (0 = none)
+    empty_budget: float = 0.2  # training, levels that do not skip: slots kept for empty patches (0 = uniform)
     skip_empty_round_buckets: int = 1  # skip_empty, sampling: level-0 round shapes compiled (mar.py)
     conditions: tuple[str, ...] = ()  # per-bar level-0 conditions computed from the roll: chords, density
     condition_dropout: float = 0.1  # training: chance a sample loses all its conditions, and each alone
