@@ -213,7 +213,7 @@ class Config:
             )
         if not 0.0 <= self.empty_budget < 1.0:
             errors.append(
-                f"empty_budget={self.empty_budget} must be in [0, 1): a share of each budget (0 = no strata)"
+                f"empty_budget={self.empty_budget} must be in [0, 1): a share of each budget (0 = one uniform budget)"
             )
         if not 0.0 <= self.token_budget <= 1.0:
             errors.append(f"token_budget={self.token_budget} must be in [0, 1] (0 = the mean mask ratio)")

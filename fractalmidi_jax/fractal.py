@@ -170,8 +170,8 @@ def fractal_loss(model: FractalModel, config: Config, batch: dict, rng, train: b
         count_N = counts[k][index].reshape(-1)
         last = k == config.num_levels - 1
         num_out = 1 if last else NUM_HANDOFF_CONDS
-        stratified = k < config.skip_empty or config.empty_budget > 0
-        nonempty_NxL = ~sparse.is_empty(jnp.where(known, 0, cells)) if stratified else None
+        by_emptiness = k < config.skip_empty or config.empty_budget > 0  # skipping or strata
+        nonempty_NxL = ~sparse.is_empty(jnp.where(known, 0, cells)) if by_emptiness else None
         with jax.named_scope(f"level_{k}"):  # bench --profile times each level
             out = level.train(
                 cells,

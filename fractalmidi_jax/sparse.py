@@ -21,7 +21,7 @@ such tokens (masking.budget_weights), so the loss stays an unbiased estimate.
 
 Below the skipping levels (`empty_budget`, training only): a level still hands down empty
 patches, which the levels below must learn to leave silent, but an empty patch's loss is small
-and much like any other's, so a few of them stand for the rest. `stratified_budget` splits a
+and much like another empty patch's, so a few of them stand for the rest. `stratified_budget` splits a
 budget of K slots into a stratum of non-empty and one of empty patches, each a uniform random
 subset of its patches with its own Horvitz-Thompson weight (n / k for k of n): the loss stays an
 unbiased estimate with fewer slots than one uniform budget needs. The same split works one
