@@ -136,8 +136,13 @@ def test_train_and_eval_steps_agree_on_8_devices_and_1(config):
         for name in m8:
             np.testing.assert_allclose(m8[name], m1[name], rtol=1e-5, atol=1e-6, err_msg=name)
     assert not np.allclose(state8["params"]["head"]["bias"], fresh["params"]["head"]["bias"])
+    # AdamW's first steps move a weight by about lr whatever its gradient's size, so a gradient at
+    # rounding level, summed over 8 devices in another order, moves it by a different fraction of
+    # that (one of 48 entries was 1.1e-6 off in CI): compare to 1% of lr.
     for (path, x8), x1 in zip(jax.tree_util.tree_leaves_with_path(state8), jax.tree.leaves(state1)):
-        np.testing.assert_allclose(x8, x1, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+        np.testing.assert_allclose(
+            x8, x1, rtol=1e-5, atol=0.01 * config.lr, err_msg=jax.tree_util.keystr(path)
+        )
     np.testing.assert_allclose(sums8, sums1, rtol=1e-5)
 
 
