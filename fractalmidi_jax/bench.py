@@ -112,10 +112,11 @@ def _profile(run, profile_dir: str, compiled):
     if profile_dir:
         with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
             _median_seconds(run, PROFILED_RUNS)
-        print(format_kernel_table(kernel_table(profile_dir, PROFILED_RUNS)), flush=True)
-        hlo_text = compiled.as_text()
-        print(format_kernel_table(level_table(profile_dir, PROFILED_RUNS, hlo_text), "by level"), flush=True)
-        longest = fusion_table(profile_dir, PROFILED_RUNS, hlo_text)
+        kernels = device_kernels(profile_dir)
+        instructions = hlo_instructions(compiled.as_text())
+        print(format_kernel_table(kernel_table(kernels, PROFILED_RUNS)), flush=True)
+        print(format_kernel_table(level_table(kernels, PROFILED_RUNS, instructions), "by level"), flush=True)
+        longest = fusion_table(kernels, PROFILED_RUNS, instructions)
         if longest:
             print(format_fusion_table(longest), flush=True)
 
@@ -162,20 +163,20 @@ def device_kernels(profile_dir: str) -> list[Kernel]:
     ]
 
 
-def _sum_kernels(profile_dir: str, runs: int, key) -> list[tuple[str, float, float]]:
-    """(key, ms per run, kernels per run) of the trace's device kernels grouped by `key(kernel)`,
+def _sum_kernels(kernels: list[Kernel], runs: int, key) -> list[tuple[str, float, float]]:
+    """(key, ms per run, kernels per run) of a trace's device kernels grouped by `key(kernel)`,
     longest first."""
     time_ms, count = collections.Counter(), collections.Counter()
-    for kernel in device_kernels(profile_dir):
+    for kernel in kernels:
         group = key(kernel)
         time_ms[group] += kernel.microseconds / 1000 / runs
         count[group] += 1 / runs
     return [(group, ms, count[group]) for group, ms in time_ms.most_common()]
 
 
-def kernel_table(profile_dir: str, runs: int) -> list[tuple[str, float, float]]:
-    """(kind, ms per run, kernels per run) of the trace's device kernels, longest first."""
-    return _sum_kernels(profile_dir, runs, lambda kernel: kernel_kind(kernel.name))
+def kernel_table(kernels: list[Kernel], runs: int) -> list[tuple[str, float, float]]:
+    """(kind, ms per run, kernels per run) of a trace's device kernels, longest first."""
+    return _sum_kernels(kernels, runs, lambda kernel: kernel_kind(kernel.name))
 
 
 def _hlo_name(name: str) -> str:
@@ -244,14 +245,13 @@ def _instruction_of(kernel: Kernel, instructions: dict[str, Instruction]) -> Ins
     return instructions.get(_hlo_name(kernel.name)) or instructions.get(_hlo_name(kernel.hlo_op))
 
 
-def fusion_table(profile_dir: str, runs: int, hlo_text: str, top: int = 25):
+def fusion_table(kernels: list[Kernel], runs: int, instructions: dict[str, Instruction], top: int = 25):
     """(kernel, ms per run, kernels per run, shape, where from: the end of its op name and its
-    source line) of the `top` longest kernels by exact name, each with the HLO instruction it
-    runs (kernels the trace ties to no instruction get empty fields)."""
-    instructions = hlo_instructions(hlo_text)
-    by_name = {kernel.name: kernel for kernel in device_kernels(profile_dir)}
+    source line) of the `top` longest kernels by exact name, each with the HLO instruction
+    (`hlo_instructions`) it runs (kernels the trace ties to no instruction get empty fields)."""
+    by_name = {kernel.name: kernel for kernel in kernels}
     rows = []
-    for name, ms, n in _sum_kernels(profile_dir, runs, lambda kernel: kernel.name)[:top]:
+    for name, ms, n in _sum_kernels(kernels, runs, lambda kernel: kernel.name)[:top]:
         found = _instruction_of(by_name[name], instructions) or Instruction("", "", "")
         rows.append((name, ms, n, found.shape, found.where()))
     return rows
@@ -272,13 +272,12 @@ def part_of_model(instruction: Instruction | None) -> str:
     return scopes[-1] if scopes else OUTSIDE_LEVELS
 
 
-def level_table(profile_dir: str, runs: int, hlo_text: str) -> list[tuple[str, float, float]]:
-    """(level, ms per run, kernels per run) of the trace's device kernels, by the model part
-    (`part_of_model`) of the instruction each runs, longest first."""
-    instructions = hlo_instructions(hlo_text)
-    return _sum_kernels(
-        profile_dir, runs, lambda kernel: part_of_model(_instruction_of(kernel, instructions))
-    )
+def level_table(
+    kernels: list[Kernel], runs: int, instructions: dict[str, Instruction]
+) -> list[tuple[str, float, float]]:
+    """(level, ms per run, kernels per run) of a trace's device kernels, by the model part
+    (`part_of_model`) of the instruction (`hlo_instructions`) each runs, longest first."""
+    return _sum_kernels(kernels, runs, lambda kernel: part_of_model(_instruction_of(kernel, instructions)))
 
 
 def format_fusion_table(rows) -> str:

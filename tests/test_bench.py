@@ -65,11 +65,12 @@ def test_kernel_table_sums_the_device_streams_per_run(tmp_path):
         kernel(1, 5, "PjitFunction(step)", 9000.0),
     ]
     write_trace(tmp_path, events)
-    assert bench.kernel_table(str(tmp_path), runs=2) == [
+    kernels = bench.device_kernels(str(tmp_path))
+    assert bench.kernel_table(kernels, runs=2) == [
         ("library GEMM", 3.0, 1.0),
         ("loop_add_fusion", 2.0, 1.0),
     ]
-    assert "loop_add_fusion" in bench.format_kernel_table(bench.kernel_table(str(tmp_path), runs=2))
+    assert "loop_add_fusion" in bench.format_kernel_table(bench.kernel_table(kernels, runs=2))
 
 
 def doubled_sine(x):
@@ -84,7 +85,7 @@ def test_fusion_table_names_each_kernels_hlo_instruction(tmp_path):
     (fusion,) = re.findall(r"%([\w.]*fusion[\w.]*) = ", hlo)
     kernel_name = fusion.replace(".", "_")
     write_trace(tmp_path, [kernel(2, 7, kernel_name, 3000.0), kernel(2, 7, "nvjet_tst_64x8", 1000.0)])
-    rows = bench.fusion_table(str(tmp_path), runs=1, hlo_text=hlo)
+    rows = bench.fusion_table(bench.device_kernels(str(tmp_path)), 1, bench.hlo_instructions(hlo))
     line = doubled_sine.__code__.co_firstlineno + 1
     assert rows[0][:4] == (kernel_name, 3.0, 1.0, "f32[3,5]")
     assert f"test_bench.py:{line} doubled_sine" in rows[0][4]
@@ -120,7 +121,7 @@ def test_level_table_times_each_level_by_the_scope_its_instruction_was_traced_un
     for event in events[:2] + events[3:]:  # kernels run in a CUDA graph: `hlo_op` names the graph
         event["args"] = {"hlo_op": "command_buffer_1"}
     write_trace(tmp_path, events)
-    assert bench.level_table(str(tmp_path), runs=1, hlo_text=hlo) == [
+    assert bench.level_table(bench.device_kernels(str(tmp_path)), 1, instructions) == [
         ("level_0", 3.5, 2.0),
         ("head", 1.0, 1.0),
         (bench.UNNAMED, 0.25, 1.0),
