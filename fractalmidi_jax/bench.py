@@ -404,6 +404,16 @@ def best_batch(base: Config, num_steps: int, batches) -> list[dict]:
     return rows
 
 
+# Config fields bench takes as flags of the same name and default, with their help.
+CONFIG_FLAGS = {
+    "skip_empty": "levels, from level 0, that skip empty patches (sparse.py; 0 = none)",
+    "token_budget": "training: tokens handed down per sequence, of all (config.py; 0 = the mean mask ratio)",
+    "empty_budget": "training: budget share kept for empty patches below the skipping levels (sparse.py)",
+    "skip_empty_capacity": "sampling slots per pass, of the patches drawn (sparse.py); also for --checkpoint",
+    "skip_empty_round_buckets": "level-0 round shapes compiled when skipping (mar.py); also for --checkpoint",
+}
+SAMPLING_FLAGS = ("skip_empty_capacity", "skip_empty_round_buckets")  # also applied to --checkpoint
+
 HEADER = (
     f"{'case':34s} {'ours s':>9s} {'ref s':>7s} {'speedup':>8s} {'samples/s':>10s} "
     f"{'mem GiB':>8s} {'compile s':>9s} {'MFU':>6s}"
@@ -441,51 +451,19 @@ def main(argv=None):
     parser.add_argument(
         "--faithful", action="store_true", help="the FractalMIDI-faithful model (all MAR, velocity roll)"
     )
-    parser.add_argument(
-        "--skip_empty",
-        type=int,
-        default=Config.skip_empty,
-        help="levels, from level 0, that skip empty patches (sparse.py; 0 = none)",
-    )
-    parser.add_argument(
-        "--token_budget",
-        type=float,
-        default=Config.token_budget,
-        help="training: tokens handed down per sequence, of all (config.py; 0 = the mean mask ratio)",
-    )
-    parser.add_argument(
-        "--empty_budget",
-        type=float,
-        default=Config.empty_budget,
-        help="training: budget share kept for empty patches below the skipping levels (sparse.py)",
-    )
-    parser.add_argument(
-        "--skip_empty_capacity",
-        type=float,
-        default=Config.skip_empty_capacity,
-        help="sampling slots per pass, of the patches drawn (sparse.py); also for --checkpoint",
-    )
-    parser.add_argument(
-        "--skip_empty_round_buckets",
-        type=int,
-        default=Config.skip_empty_round_buckets,
-        help="level-0 round shapes a skipping sampler compiles (mar.py); also for --checkpoint",
-    )
+    for name, text in CONFIG_FLAGS.items():
+        default = getattr(Config, name)
+        parser.add_argument(f"--{name}", type=type(default), default=default, help=text)
     parser.add_argument(
         "--checkpoint", default="", help="sampling cases time this checkpoint's model and weights"
     )
     args = parser.parse_args(argv)
-    sampling = dict(
-        skip_empty_capacity=args.skip_empty_capacity, skip_empty_round_buckets=args.skip_empty_round_buckets
-    )
+    sampling = {name: getattr(args, name) for name in SAMPLING_FLAGS}
     base = Config(
         attn_dropout=args.dropout,
         proj_dropout=args.dropout,
         scan_layers=args.scan_layers,
-        skip_empty=args.skip_empty,
-        token_budget=args.token_budget,
-        empty_budget=args.empty_budget,
-        **sampling,
+        **{name: getattr(args, name) for name in CONFIG_FLAGS},
     )
     if args.faithful:
         base = base.replace(**FAITHFUL)
