@@ -515,6 +515,14 @@ def test_budgeted_loss_is_unbiased():
 SKIP_DRAWS = 400  # fractal_loss keys per estimate: the unweighted one is about 12 standard errors off
 
 
+def mean_loss_over_keys(graphdef, config, params, roll, draws):
+    """(mean, standard error) of fractal_loss over the keys `draws`, 200 per call."""
+    losses = losses_fn(graphdef, config)
+    return mean_and_se(
+        np.concatenate([losses(params, roll, draws[i : i + 200])[0] for i in range(0, len(draws), 200)])
+    )
+
+
 def busy_roll(width=16):
     """Five of the eight 16 x 16 patches sound, so a budget of 3 non-empty slots drops some."""
     roll = np.zeros((1, 128, width), np.uint8)
@@ -540,12 +548,7 @@ def test_skip_empty_budget_keeps_the_loss_unbiased(monkeypatch):
     graphdef, params = nnx.split(sensitive_model(config))
     roll, draws = busy_roll(width), keys(SKIP_DRAWS, seed=2)
 
-    def mean_loss(cfg):
-        losses = losses_fn(graphdef, cfg)
-        return mean_and_se(
-            np.concatenate([losses(params, roll, draws[i : i + 200])[0] for i in range(0, SKIP_DRAWS, 200)])
-        )
-
+    mean_loss = lambda cfg: mean_loss_over_keys(graphdef, cfg, params, roll, draws)
     (budgeted, se), (exact, exact_se) = mean_loss(config), mean_loss(full)
     report = f"budgeted {budgeted:.4f} +- {se:.4f}, every non-empty patch {exact:.4f} +- {exact_se:.4f}"
     assert abs(budgeted - exact) < 4 * math.hypot(se, exact_se), report
@@ -578,12 +581,7 @@ def test_stratified_budget_keeps_the_loss_unbiased(monkeypatch):
     graphdefs = {config: graphdef, full: nnx.split(build_model(full))[0]}  # the same parameters
     roll, draws = busy_roll(width), keys(SKIP_DRAWS, seed=3)
 
-    def mean_loss(cfg):
-        losses = losses_fn(graphdefs[cfg], cfg)
-        return mean_and_se(
-            np.concatenate([losses(params, roll, draws[i : i + 200])[0] for i in range(0, SKIP_DRAWS, 200)])
-        )
-
+    mean_loss = lambda cfg: mean_loss_over_keys(graphdefs[cfg], cfg, params, roll, draws)
     (stratified, se), (exact, exact_se) = mean_loss(config), mean_loss(full)
     report = f"stratified {stratified:.4f} +- {se:.4f}, every token {exact:.4f} +- {exact_se:.4f}"
     assert abs(stratified - exact) < 4 * math.hypot(se, exact_se), report
