@@ -107,13 +107,16 @@ def _memory_gib(compiled) -> float:
 
 
 def _profile(run, profile_dir: str, compiled):
-    """A Perfetto trace of 5 runs in `profile_dir` (none if empty), its kernels by kind and by
-    level, and its longest kernels with the instructions of `compiled`'s optimised HLO they run."""
+    """A Perfetto trace of 5 runs in `profile_dir` (none if empty) with `compiled`'s optimised HLO
+    beside it (`optimized_hlo.txt`), its kernels by kind and by level, and its longest kernels
+    with the HLO instructions they run."""
     if profile_dir:
         with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
             _median_seconds(run, PROFILED_RUNS)
         kernels = device_kernels(profile_dir)
-        instructions = hlo_instructions(compiled.as_text())
+        hlo_text = compiled.as_text()
+        Path(profile_dir, "optimized_hlo.txt").write_text(hlo_text)
+        instructions = hlo_instructions(hlo_text)
         print(format_kernel_table(kernel_table(kernels, PROFILED_RUNS)), flush=True)
         print(format_kernel_table(level_table(kernels, PROFILED_RUNS, instructions), "by level"), flush=True)
         longest = fusion_table(kernels, PROFILED_RUNS, instructions)

@@ -2,7 +2,7 @@
 
 Shapes: N sequences, T tokens, S cached positions, D width, H heads, K = D / H.
 Weights are float32; `dtype` is the compute dtype (bf16/fp16 under mixed precision).
-Attention logits, softmax and layer-norm statistics stay in float32.
+Softmax and layer-norm statistics are computed in float32.
 Dropout takes an explicit key (None = off), so a loss is a pure function of its key.
 """
 
@@ -40,6 +40,31 @@ def split_key(rng, num: int):
     return [None] * num if rng is None else list(jax.random.split(rng, num))
 
 
+@jax.custom_vjp
+def project_qkv(x_NxTxD, kernel_Dx3D, bias_3D):
+    """q, k and v (N x T x D each) of one product with the joined weights. Its backward pass
+    joins their gradients into one N x T x 3D array for one product per weight and input
+    (autodiff of a split activation pads and sums three activation-sized gradients; of split
+    weights, runs six products instead of two)."""
+    return tuple(jnp.split(x_NxTxD @ kernel_Dx3D + bias_3D, 3, axis=-1))
+
+
+def _project_qkv_fwd(x_NxTxD, kernel_Dx3D, bias_3D):
+    return project_qkv(x_NxTxD, kernel_Dx3D, bias_3D), (x_NxTxD, kernel_Dx3D)
+
+
+def _project_qkv_bwd(residuals, grads):
+    x_NxTxD, kernel_Dx3D = residuals
+    g_NxTx3D = jnp.concatenate([g.astype(x_NxTxD.dtype) for g in grads], axis=-1)
+    rows_Mx3D = g_NxTx3D.reshape(-1, g_NxTx3D.shape[-1])
+    kernel_grad = x_NxTxD.reshape(-1, x_NxTxD.shape[-1]).T @ rows_Mx3D
+    bias_grad = jnp.sum(rows_Mx3D, axis=0, dtype=jnp.float32)
+    return g_NxTx3D @ kernel_Dx3D.T, kernel_grad, bias_grad.astype(kernel_Dx3D.dtype)
+
+
+project_qkv.defvjp(_project_qkv_fwd, _project_qkv_bwd)
+
+
 class Attention(nnx.Module):
     def __init__(self, dim: int, num_heads: int, attn_dropout: float, dtype, rngs: nnx.Rngs):
         self.num_heads = num_heads
@@ -53,28 +78,24 @@ class Attention(nnx.Module):
         A lone token without a cache attends to itself only (weight 1): y = its value."""
         n, t, d = x_NxTxD.shape
         heads = self.num_heads
-        # q, k and v from slices of the weights, not of one qkv activation: the backward pass
-        # then adds three products instead of padding and summing three activation-sized
-        # gradients.
-        x_NxTxD = x_NxTxD.astype(self.qkv.dtype)
-        kernels = jnp.split(self.qkv.kernel[...].astype(self.qkv.dtype), 3, axis=1)
-        biases = jnp.split(self.qkv.bias[...].astype(self.qkv.dtype), 3)
-
-        def project(i):
-            return (x_NxTxD @ kernels[i] + biases[i]).reshape(n, t, heads, d // heads)
-
-        v_NxTxHxK = project(2)
+        dtype = self.qkv.dtype
+        x_NxTxD = x_NxTxD.astype(dtype)
+        kernel, bias = self.qkv.kernel[...].astype(dtype), self.qkv.bias[...].astype(dtype)
         if t == 1 and cache is None:
-            return self.proj(v_NxTxHxK.reshape(n, t, d)), cache
-        q_NxTxHxK, k_NxTxHxK = project(0), project(1)
+            v_NxTxD = x_NxTxD @ kernel[:, 2 * d :] + bias[2 * d :]
+            return self.proj(v_NxTxD), cache
+        q_NxTxHxK, k_NxTxHxK, v_NxTxHxK = (
+            y.reshape(n, t, heads, d // heads) for y in project_qkv(x_NxTxD, kernel, bias)
+        )
         if cache is not None:
             k_NxTxHxK = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_NxTxHxK, cache_index, axis=1)
             v_NxTxHxK = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_NxTxHxK, cache_index, axis=1)
             cache = {"k": k_NxTxHxK, "v": v_NxTxHxK}
+        # Logits in the compute dtype (as PyTorch autocast has them), softmax in float32: float32
+        # logits would double the bytes of the largest activations, and their backward pass
+        # would multiply float32 by bf16, which XLA runs as float32 products.
         scale = (d // heads) ** -0.5
-        logits_NxHxTxS = (
-            jnp.einsum("nthk,nshk->nhts", q_NxTxHxK, k_NxTxHxK, preferred_element_type=jnp.float32) * scale
-        )
+        logits_NxHxTxS = jnp.einsum("nthk,nshk->nhts", q_NxTxHxK * scale, k_NxTxHxK).astype(jnp.float32)
         if mask_TxS is not None:
             logits_NxHxTxS = jnp.where(mask_TxS, logits_NxHxTxS, NEG_INF)
         weights = jax.nn.softmax(logits_NxHxTxS, axis=-1).astype(v_NxTxHxK.dtype)
