@@ -68,6 +68,7 @@ BEST_BATCHES = (16, 32, 64, 128, 256)
 REFERENCE_BEST = 168.0  # samples/s, 128x512 batch 64 bf16
 TRAIN_BURST = 5  # training steps per timing, synchronised once
 PROFILED_RUNS = 5  # steps (or sampled batches) in a --profile trace
+HLO_FILE = "optimized_hlo.txt"  # the profiled program's optimised HLO, beside its trace
 
 
 def realistic_rolls(batch: int, width: int, kind: str = "note", seed: int = 0) -> np.ndarray:
@@ -108,20 +109,29 @@ def _memory_gib(compiled) -> float:
 
 def _profile(run, profile_dir: str, compiled):
     """A Perfetto trace of 5 runs in `profile_dir` (none if empty) with `compiled`'s optimised HLO
-    beside it (`optimized_hlo.txt`), its kernels by kind and by level, and its longest kernels
-    with the HLO instructions they run."""
+    beside it (`optimized_hlo.txt`), and its tables (`print_profile`)."""
     if profile_dir:
         with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
             _median_seconds(run, PROFILED_RUNS)
-        kernels = device_kernels(profile_dir)
-        hlo_text = compiled.as_text()
-        Path(profile_dir, "optimized_hlo.txt").write_text(hlo_text)
-        instructions = hlo_instructions(hlo_text)
-        print(format_kernel_table(kernel_table(kernels, PROFILED_RUNS)), flush=True)
-        print(format_kernel_table(level_table(kernels, PROFILED_RUNS, instructions), "by level"), flush=True)
-        longest = fusion_table(kernels, PROFILED_RUNS, instructions)
-        if longest:
-            print(format_fusion_table(longest), flush=True)
+        Path(profile_dir, HLO_FILE).write_text(compiled.as_text())
+        print_profile(profile_dir)
+
+
+def print_profile(profile_dir: str):
+    """The tables of a `--profile` folder (its trace and HLO; `--read_profile` prints them again
+    from a folder brought back from the GPU): its kernels by kind, by level, by level and source
+    line, and its longest kernels with the HLO instructions they run."""
+    kernels = device_kernels(profile_dir)
+    instructions = hlo_instructions(Path(profile_dir, HLO_FILE).read_text())
+    print(format_kernel_table(kernel_table(kernels, PROFILED_RUNS)), flush=True)
+    print(format_kernel_table(level_table(kernels, PROFILED_RUNS, instructions), "by level"), flush=True)
+    print(
+        format_kernel_table(source_table(kernels, PROFILED_RUNS, instructions), "by level and line", 30),
+        flush=True,
+    )
+    longest = fusion_table(kernels, PROFILED_RUNS, instructions)
+    if longest:
+        print(format_fusion_table(longest), flush=True)
 
 
 GEMM_PREFIXES = ("nvjet", "cutlass", "magma", "sm90_", "sm80_", "ampere_", "cublas")
@@ -148,7 +158,10 @@ class Kernel(NamedTuple):
 def device_kernels(profile_dir: str) -> list[Kernel]:
     """Every device kernel in the newest Perfetto trace under `profile_dir`: the events on device
     streams (their `Stream` threads; the `XLA Ops` line repeats them)."""
-    trace = max(Path(profile_dir).glob("plugins/profile/*/perfetto_trace.json.gz"), key=os.path.getmtime)
+    traces = list(Path(profile_dir).glob("plugins/profile/*/perfetto_trace.json.gz"))
+    if not traces:
+        raise FileNotFoundError(f"no plugins/profile/*/perfetto_trace.json.gz under {profile_dir}")
+    trace = max(traces, key=os.path.getmtime)
     with gzip.open(trace) as f:
         events = json.load(f)["traceEvents"]
     names = {
@@ -283,6 +296,23 @@ def level_table(
     return _sum_kernels(kernels, runs, lambda kernel: part_of_model(_instruction_of(kernel, instructions)))
 
 
+def source_table(
+    kernels: list[Kernel], runs: int, instructions: dict[str, Instruction]
+) -> list[tuple[str, float, float]]:
+    """('level pass file:line function', ms per run, kernels per run): `level_table` with each level
+    split by pass (the backward pass's ops carry `transpose(`) and by the source line of the
+    instruction: which line of which level the time goes to."""
+
+    def key(kernel: Kernel) -> str:
+        instruction = _instruction_of(kernel, instructions)
+        if instruction is None:
+            return UNNAMED
+        direction = "backward" if "transpose(" in instruction.op_name else "forward"
+        return f"{part_of_model(instruction)} {direction} {instruction.source or '?'}"
+
+    return _sum_kernels(kernels, runs, key)
+
+
 def format_fusion_table(rows) -> str:
     lines = [f"{'longest kernels (per run)':40s} {'ms':>8s} {'count':>7s}  shape, from"]
     lines += [f"{name[:40]:40s} {ms:8.2f} {n:7.0f}  {shape} {where}" for name, ms, n, shape, where in rows]
@@ -293,10 +323,11 @@ def format_kernel_table(rows, grouped: str = "", top: int = 15) -> str:
     if not rows:
         return "no device kernels in the trace (a CPU run)"
     title = f"kernels {grouped} (per run)" if grouped else "kernels (per run)"
-    lines = [f"{title:40s} {'ms':>8s} {'count':>7s}"]
-    lines += [f"{kind[:40]:40s} {ms:8.2f} {n:7.0f}" for kind, ms, n in rows[:top]]
+    width = max(40, min(80, max(len(kind) for kind, _, _ in rows[:top])))
+    lines = [f"{title:{width}s} {'ms':>8s} {'count':>7s}"]
+    lines += [f"{kind[:width]:{width}s} {ms:8.2f} {n:7.0f}" for kind, ms, n in rows[:top]]
     lines.append(
-        f"{'all ' + str(len(rows)) + ' kinds':40s} {sum(r[1] for r in rows):8.2f} {sum(r[2] for r in rows):7.0f}"
+        f"{'all ' + str(len(rows)) + ' kinds':{width}s} {sum(r[1] for r in rows):8.2f} {sum(r[2] for r in rows):7.0f}"
     )
     return "\n".join(lines)
 
@@ -445,6 +476,11 @@ def main(argv=None):
         "source lines",
     )
     parser.add_argument(
+        "--read_profile",
+        default="",
+        help="print the tables of a --profile folder (brought back from the GPU) and run nothing",
+    )
+    parser.add_argument(
         "--scan_layers", action="store_true", help="level 0's blocks under lax.scan (see config.py)"
     )
     parser.add_argument("--steps", type=int, default=10, help="timed steps per training case")
@@ -461,6 +497,12 @@ def main(argv=None):
         "--checkpoint", default="", help="sampling cases time this checkpoint's model and weights"
     )
     args = parser.parse_args(argv)
+    if args.read_profile:
+        try:
+            print_profile(args.read_profile)
+        except FileNotFoundError as error:
+            raise SystemExit(f"--read_profile: {error}; give a folder written by --profile") from None
+        return
     sampling = {name: getattr(args, name) for name in SAMPLING_FLAGS}
     base = Config(
         attn_dropout=args.dropout,

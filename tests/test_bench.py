@@ -7,6 +7,7 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from tiny import TINY
 
 from fractalmidi_jax import bench
@@ -131,3 +132,37 @@ def test_level_table_times_each_level_by_the_scope_its_instruction_was_traced_un
     backward = bench.Instruction("f32[2]", "jit(step)/transpose(jvp(level_2))/dot_general", "")
     assert bench.part_of_model(backward) == "level_2"
     assert bench.part_of_model(bench.Instruction("f32[]", "jit(step)/adamw/add", "")) == bench.OUTSIDE_LEVELS
+
+
+def test_source_table_splits_each_level_by_pass_and_line(tmp_path, capsys):
+    """A level's kernels are split by pass (backward ops carry `transpose(`) and source line; a
+    --profile folder's tables print again from its trace and HLO alone (--read_profile), and a
+    folder without them is refused in one line."""
+    loss = lambda x: jnp.sum(two_levels(x))
+    hlo = jax.jit(jax.grad(loss)).lower(jnp.ones((5, 5))).compile().as_text()
+    instructions = bench.hlo_instructions(hlo)
+
+    def fusion_of(level: str, backward: bool) -> str:
+        return next(
+            name
+            for name, i in instructions.items()
+            if "fusion" in name
+            and bench.part_of_model(i) == level
+            and ("transpose(" in i.op_name) == backward
+            and i.source
+        )
+
+    forward, backward = fusion_of("level_0", False), fusion_of("level_0", True)
+    write_trace(tmp_path, [kernel(2, 7, forward, 2000.0), kernel(2, 7, backward, 1000.0)])
+    rows = bench.source_table(bench.device_kernels(str(tmp_path)), 1, instructions)
+    assert [row[1:] for row in rows] == [(2.0, 1.0), (1.0, 1.0)]
+    assert rows[0][0] == f"level_0 forward {instructions[forward].source}"
+    assert rows[1][0] == f"level_0 backward {instructions[backward].source}"
+    assert "test_bench.py" in rows[0][0]
+
+    (tmp_path / bench.HLO_FILE).write_text(hlo)
+    bench.main(["--read_profile", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert "by level and line" in printed and rows[0][0] in printed
+    with pytest.raises(SystemExit, match="--read_profile: no plugins/profile.*written by --profile"):
+        bench.main(["--read_profile", str(tmp_path / "missing")])

@@ -4,7 +4,6 @@ products run in."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from flax import nnx
 
 from fractalmidi_jax.layers import Attention, project_qkv
