@@ -91,9 +91,9 @@ class Attention(nnx.Module):
             k_NxTxHxK = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_NxTxHxK, cache_index, axis=1)
             v_NxTxHxK = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_NxTxHxK, cache_index, axis=1)
             cache = {"k": k_NxTxHxK, "v": v_NxTxHxK}
-        # Logits in the compute dtype (as PyTorch autocast has them), softmax in float32: float32
-        # logits would double the bytes of the largest activations, and their backward pass
-        # would multiply float32 by bf16, which XLA runs as float32 products.
+        # Logits in the compute dtype (as PyTorch autocast has them), softmax in float32. With
+        # float32 logits autodiff multiplied their float32 cotangent by bf16 q and k, which XLA
+        # runs as float32 products, the longest kernels of the backward pass (BENCHMARKS.md).
         scale = (d // heads) ** -0.5
         logits_NxHxTxS = jnp.einsum("nthk,nshk->nhts", q_NxTxHxK * scale, k_NxTxHxK).astype(jnp.float32)
         if mask_TxS is not None:
