@@ -445,6 +445,7 @@ CONFIG_FLAGS = {
     "empty_budget": "training: budget share kept for empty patches below the skipping levels (sparse.py)",
     "skip_empty_capacity": "sampling slots per pass, of the patches drawn (sparse.py); also for --checkpoint",
     "skip_empty_round_buckets": "level-0 round shapes compiled when skipping (mar.py); also for --checkpoint",
+    "fused_attention": "short sequences' attention through short_attention.py's Pallas kernels",
 }
 SAMPLING_FLAGS = ("skip_empty_capacity", "skip_empty_round_buckets")  # also applied to --checkpoint
 
@@ -492,7 +493,10 @@ def main(argv=None):
     )
     for name, text in CONFIG_FLAGS.items():
         default = getattr(Config, name)
-        parser.add_argument(f"--{name}", type=type(default), default=default, help=text)
+        if isinstance(default, bool):
+            parser.add_argument(f"--{name}", action="store_true", help=text)
+        else:
+            parser.add_argument(f"--{name}", type=type(default), default=default, help=text)
     parser.add_argument(
         "--checkpoint", default="", help="sampling cases time this checkpoint's model and weights"
     )

@@ -8,7 +8,10 @@ Dropout takes an explicit key (None = off), so a loss is a pure function of its 
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+
+from fractalmidi_jax import short_attention
 
 xavier_uniform = nnx.initializers.xavier_uniform()
 embedding_init = nnx.initializers.normal(stddev=0.02)
@@ -66,9 +69,12 @@ project_qkv.defvjp(_project_qkv_fwd, _project_qkv_bwd)
 
 
 class Attention(nnx.Module):
-    def __init__(self, dim: int, num_heads: int, attn_dropout: float, dtype, rngs: nnx.Rngs):
+    def __init__(
+        self, dim: int, num_heads: int, attn_dropout: float, dtype, rngs: nnx.Rngs, fused: bool = False
+    ):
         self.num_heads = num_heads
         self.attn_dropout = attn_dropout
+        self.fused = fused  # short sequences without a cache through short_attention's kernels
         self.qkv = dense(dim, 3 * dim, dtype, rngs)
         self.proj = dense(dim, dim, dtype, rngs)
 
@@ -84,6 +90,19 @@ class Attention(nnx.Module):
         if t == 1 and cache is None:
             v_NxTxD = x_NxTxD @ kernel[:, 2 * d :] + bias[2 * d :]
             return self.proj(v_NxTxD), cache
+        if self.fused and cache is None and short_attention.supported(t, d // heads):
+            mask = np.ones((t, t), bool) if mask_TxS is None else np.asarray(mask_TxS, bool)
+            use_dropout = rng is not None and self.attn_dropout > 0
+            seed = jax.random.bits(rng, (), jnp.uint32) if use_dropout else jnp.uint32(0)
+            y_NxTxD = short_attention.fused_attention(
+                x_NxTxD @ kernel + bias,
+                heads,
+                mask,
+                self.attn_dropout if use_dropout else 0.0,
+                seed,
+                interpret=jax.default_backend() != "gpu",
+            )
+            return self.proj(y_NxTxD), cache
         q_NxTxHxK, k_NxTxHxK, v_NxTxHxK = (
             y.reshape(n, t, heads, d // heads) for y in project_qkv(x_NxTxD, kernel, bias)
         )
@@ -116,10 +135,12 @@ class Mlp(nnx.Module):
 class Block(nnx.Module):
     """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
-    def __init__(self, dim, num_heads, attn_dropout, proj_dropout, dtype, rngs, mlp_ratio=4.0):
+    def __init__(
+        self, dim, num_heads, attn_dropout, proj_dropout, dtype, rngs, mlp_ratio=4.0, fused_attention=False
+    ):
         self.proj_dropout = proj_dropout
         self.norm1 = layer_norm(dim, dtype, rngs)
-        self.attn = Attention(dim, num_heads, attn_dropout, dtype, rngs)
+        self.attn = Attention(dim, num_heads, attn_dropout, dtype, rngs, fused_attention)
         self.norm2 = layer_norm(dim, dtype, rngs)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype, rngs)
 
@@ -140,7 +161,17 @@ class Transformer(nnx.Module):
     per-layer caches without."""
 
     def __init__(
-        self, dim, depth, num_heads, attn_dropout, proj_dropout, dtype, rngs, remat=False, scan=False
+        self,
+        dim,
+        depth,
+        num_heads,
+        attn_dropout,
+        proj_dropout,
+        dtype,
+        rngs,
+        remat=False,
+        scan=False,
+        fused_attention=False,
     ):
         self.remat = remat
         self.scan = scan
@@ -152,7 +183,9 @@ class Transformer(nnx.Module):
         @nnx.split_rngs(splits=depth)
         @nnx.vmap(in_axes=(0,), out_axes=0)
         def make_blocks(rngs):
-            return Block(dim, num_heads, attn_dropout, proj_dropout, dtype, rngs)
+            return Block(
+                dim, num_heads, attn_dropout, proj_dropout, dtype, rngs, fused_attention=fused_attention
+            )
 
         self.blocks = make_blocks(rngs)
         self.norm_out = layer_norm(dim, dtype, rngs)

@@ -737,6 +737,18 @@ def test_scanned_and_unrolled_blocks_give_the_same_loss_and_gradients():
         np.testing.assert_allclose(g_scan, g, rtol=1e-5, atol=1e-7)
 
 
+def test_fused_attention_gives_the_same_loss_and_gradients():
+    """`fused_attention` changes how short sequences' attention runs (short_attention.py's
+    kernels, interpreted off the GPU), not what it computes."""
+    levels = dict(generator_types=("mar", "column", "column"), embed_dim_list=(32, 32, 32, 16))
+    loss, grads = loss_and_grads(**levels)
+    loss_fused, grads_fused = loss_and_grads(fused_attention=True, **levels)
+    assert np.isfinite(loss)
+    np.testing.assert_allclose(loss_fused, loss, rtol=1e-5)
+    for g, g_fused in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_fused)):
+        np.testing.assert_allclose(g_fused, g, rtol=1e-4, atol=1e-6)
+
+
 # --- precision and size ---
 
 
