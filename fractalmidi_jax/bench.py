@@ -446,6 +446,7 @@ CONFIG_FLAGS = {
     "skip_empty_capacity": "sampling slots per pass, of the patches drawn (sparse.py); also for --checkpoint",
     "skip_empty_round_buckets": "level-0 round shapes compiled when skipping (mar.py); also for --checkpoint",
     "fused_attention": "short sequences' attention through short_attention.py's Pallas kernels",
+    "scan_layers": "level 0's blocks under lax.scan (see config.py)",
 }
 SAMPLING_FLAGS = ("skip_empty_capacity", "skip_empty_round_buckets")  # also applied to --checkpoint
 
@@ -472,17 +473,14 @@ def main(argv=None):
     parser.add_argument(
         "--profile",
         default="",
-        help="write a Perfetto trace of 5 steps (or sampled batches) of the first case here, and "
-        "print its device kernels grouped by kind and by level, and its longest ones with their HLO "
-        "source lines",
+        help="write a Perfetto trace of 5 steps (or sampled batches) of the first case here, with its "
+        "optimised HLO, and print its device kernels grouped by kind, by level, and by level, pass and "
+        "source line, and its longest ones with their HLO source lines",
     )
     parser.add_argument(
         "--read_profile",
         default="",
         help="print the tables of a --profile folder (brought back from the GPU) and run nothing",
-    )
-    parser.add_argument(
-        "--scan_layers", action="store_true", help="level 0's blocks under lax.scan (see config.py)"
     )
     parser.add_argument("--steps", type=int, default=10, help="timed steps per training case")
     parser.add_argument("--num_iter_list", type=int, nargs="+", default=[12, 8, 4, 1])
@@ -511,7 +509,6 @@ def main(argv=None):
     base = Config(
         attn_dropout=args.dropout,
         proj_dropout=args.dropout,
-        scan_layers=args.scan_layers,
         **{name: getattr(args, name) for name in CONFIG_FLAGS},
     )
     if args.faithful:

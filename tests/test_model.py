@@ -523,6 +523,16 @@ def mean_loss_over_keys(graphdef, config, params, roll, draws):
     )
 
 
+def mean_loss_with(monkeypatch, module, name, replacement, mean_loss, config):
+    """`mean_loss(config)` with `module.name` replaced: the cached compiled losses are dropped
+    before (so the replacement is traced) and after (so no other test reuses them)."""
+    monkeypatch.setattr(module, name, replacement)
+    losses_fn.cache_clear()
+    result = mean_loss(config)
+    losses_fn.cache_clear()
+    return result
+
+
 def busy_roll(width=16):
     """Five of the eight 16 x 16 patches sound, so a budget of 3 non-empty slots drops some."""
     roll = np.zeros((1, 128, width), np.uint8)
@@ -553,10 +563,9 @@ def test_skip_empty_budget_keeps_the_loss_unbiased(monkeypatch):
     report = f"budgeted {budgeted:.4f} +- {se:.4f}, every non-empty patch {exact:.4f} +- {exact_se:.4f}"
     assert abs(budgeted - exact) < 4 * math.hypot(se, exact_se), report
     valid_slots = lambda count_N, budget: (jnp.arange(budget)[None, :] < count_N[:, None]).astype(jnp.float32)
-    monkeypatch.setattr(masking, "budget_weights", valid_slots)
-    losses_fn.cache_clear()
-    unweighted, unweighted_se = mean_loss(config)
-    losses_fn.cache_clear()
+    unweighted, unweighted_se = mean_loss_with(
+        monkeypatch, masking, "budget_weights", valid_slots, mean_loss, config
+    )
     report += f", unweighted {unweighted:.4f} +- {unweighted_se:.4f}"
     print(report)
     assert abs(unweighted - exact) > 4 * math.hypot(unweighted_se, exact_se), report
@@ -593,10 +602,9 @@ def test_stratified_budget_keeps_the_loss_unbiased(monkeypatch):
         shared = weight_NxK.sum(1, keepdims=True) / jnp.maximum(kept_NxK.sum(1, keepdims=True), 1)
         return index_NxK, jnp.where(kept_NxK, shared, 0.0)
 
-    monkeypatch.setattr(sparse, "stratified_budget", one_weight)
-    losses_fn.cache_clear()
-    pooled, pooled_se = mean_loss(config)
-    losses_fn.cache_clear()
+    pooled, pooled_se = mean_loss_with(
+        monkeypatch, sparse, "stratified_budget", one_weight, mean_loss, config
+    )
     report += f", one weight {pooled:.4f} +- {pooled_se:.4f}"
     print(report)
     assert abs(pooled - exact) > 4 * math.hypot(pooled_se, exact_se), report
