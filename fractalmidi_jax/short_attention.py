@@ -24,9 +24,12 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-# Rows (and keys) per program, whole sequences padded: the backward pass keeps four block x block
-# float32 tiles live, so it takes smaller blocks (both untuned).
-FORWARD_BLOCK, BACKWARD_BLOCK = 128, 64
+# Rows (and keys) per program, whole sequences padded, and warps per program: the fastest of
+# blocks 64-256 x 2-8 warps forward and 32-128 x 2-8 backward at levels 1 and 2's 22 tokens on
+# an H200 (BENCHMARKS.md). Small programs win: the backward pass keeps four block x block
+# float32 tiles live, and larger blocks waste most of their logits on other sequences.
+FORWARD_BLOCK, BACKWARD_BLOCK = 64, 32
+FORWARD_WARPS, BACKWARD_WARPS = 4, 2
 NEG_INF = -1e30
 
 
@@ -150,7 +153,7 @@ def _backward_kernel(qkv_ref, mask_ref, seed_ref, grad_ref, dqkv_ref, **sizes):
         _store_block(dqkv_ref, start, i * d + head * head_dim, value, valid)
 
 
-def _call(kernel, block, out_shape, qkv_Mx3D, heads, mask_TxT, rate, seed, *extra, interpret=False):
+def _call(kernel, block, warps, out_shape, qkv_Mx3D, heads, mask_TxT, rate, seed, *extra, interpret=False):
     rows, three_d = qkv_Mx3D.shape
     seq_len = mask_TxT.shape[0]
     sizes = dict(
@@ -161,7 +164,7 @@ def _call(kernel, block, out_shape, qkv_Mx3D, heads, mask_TxT, rate, seed, *extr
         out_shape=out_shape,
         grid=(pl.cdiv(rows, sequences_per_block(seq_len, block) * seq_len), heads),
         interpret=interpret,
-        compiler_params=plgpu.CompilerParams(num_warps=8, num_stages=1),
+        compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=1),
     )(qkv_Mx3D, jnp.asarray(block_mask(mask_TxT, seq_len, block)), jnp.reshape(seed, (1, 1)), *extra)
 
 
@@ -182,7 +185,18 @@ def _forward(qkv_NxTx3D, heads, mask, rate, seed, interpret):
     n, t, three_d = qkv_NxTx3D.shape
     flat = qkv_NxTx3D.reshape(n * t, three_d)
     out = jax.ShapeDtypeStruct((n * t, three_d // 3), qkv_NxTx3D.dtype)
-    y = _call(_forward_kernel, FORWARD_BLOCK, out, flat, heads, mask_TxT, rate, seed, interpret=interpret)
+    y = _call(
+        _forward_kernel,
+        FORWARD_BLOCK,
+        FORWARD_WARPS,
+        out,
+        flat,
+        heads,
+        mask_TxT,
+        rate,
+        seed,
+        interpret=interpret,
+    )
     return y.reshape(n, t, three_d // 3), (qkv_NxTx3D, seed)
 
 
@@ -194,7 +208,17 @@ def _backward(heads, mask, rate, interpret, residuals, grad_NxTxD):
     out = jax.ShapeDtypeStruct(flat.shape, qkv_NxTx3D.dtype)
     grad = grad_NxTxD.reshape(n * t, -1).astype(qkv_NxTx3D.dtype)
     dqkv = _call(
-        _backward_kernel, BACKWARD_BLOCK, out, flat, heads, mask_TxT, rate, seed, grad, interpret=interpret
+        _backward_kernel,
+        BACKWARD_BLOCK,
+        BACKWARD_WARPS,
+        out,
+        flat,
+        heads,
+        mask_TxT,
+        rate,
+        seed,
+        grad,
+        interpret=interpret,
     )
     return dqkv.reshape(qkv_NxTx3D.shape), np.zeros(np.shape(seed), jax.dtypes.float0)
 
