@@ -153,19 +153,23 @@ def _backward_kernel(qkv_ref, mask_ref, seed_ref, grad_ref, dqkv_ref, **sizes):
         _store_block(dqkv_ref, start, i * d + head * head_dim, value, valid)
 
 
-def _call(kernel, block, warps, out_shape, qkv_Mx3D, heads, mask_TxT, rate, seed, *extra, interpret=False):
-    rows, three_d = qkv_Mx3D.shape
-    seq_len = mask_TxT.shape[0]
+def _call(kernel, block, warps, out_width, qkv_NxTx3D, heads, mask, rate, seed, *extra, interpret=False):
+    """`kernel` over the N T rows of `qkv_NxTx3D` (and of each of `extra`), blocks of `block`
+    rows, `mask` the hashed tuple form of the level's T x T mask: N x T x `out_width`."""
+    n, t, three_d = qkv_NxTx3D.shape
+    rows = n * t
     sizes = dict(
-        heads=heads, head_dim=three_d // 3 // heads, seq_len=seq_len, rate=rate, total_rows=rows, block=block
+        heads=heads, head_dim=three_d // 3 // heads, seq_len=t, rate=rate, total_rows=rows, block=block
     )
-    return pl.pallas_call(
+    flat = [x.reshape(rows, -1).astype(qkv_NxTx3D.dtype) for x in (qkv_NxTx3D,) + extra]
+    y = pl.pallas_call(
         functools.partial(kernel, **sizes),
-        out_shape=out_shape,
-        grid=(pl.cdiv(rows, sequences_per_block(seq_len, block) * seq_len), heads),
+        out_shape=jax.ShapeDtypeStruct((rows, out_width), qkv_NxTx3D.dtype),
+        grid=(pl.cdiv(rows, sequences_per_block(t, block) * t), heads),
         interpret=interpret,
         compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=1),
-    )(qkv_Mx3D, jnp.asarray(block_mask(mask_TxT, seq_len, block)), jnp.reshape(seed, (1, 1)), *extra)
+    )(flat[0], jnp.asarray(block_mask(np.array(mask, bool), t, block)), jnp.reshape(seed, (1, 1)), *flat[1:])
+    return y.reshape(n, t, out_width)
 
 
 def fused_attention(qkv_NxTx3D, heads: int, mask_TxT: np.ndarray, rate: float, seed, interpret: bool = False):
@@ -181,46 +185,18 @@ def _fused(qkv_NxTx3D, heads, mask, rate, seed, interpret):
 
 
 def _forward(qkv_NxTx3D, heads, mask, rate, seed, interpret):
-    mask_TxT = np.array(mask, bool)
-    n, t, three_d = qkv_NxTx3D.shape
-    flat = qkv_NxTx3D.reshape(n * t, three_d)
-    out = jax.ShapeDtypeStruct((n * t, three_d // 3), qkv_NxTx3D.dtype)
-    y = _call(
-        _forward_kernel,
-        FORWARD_BLOCK,
-        FORWARD_WARPS,
-        out,
-        flat,
-        heads,
-        mask_TxT,
-        rate,
-        seed,
-        interpret=interpret,
-    )
-    return y.reshape(n, t, three_d // 3), (qkv_NxTx3D, seed)
+    width = qkv_NxTx3D.shape[-1] // 3
+    args = (qkv_NxTx3D, heads, mask, rate, seed)
+    y = _call(_forward_kernel, FORWARD_BLOCK, FORWARD_WARPS, width, *args, interpret=interpret)
+    return y, (qkv_NxTx3D, seed)
 
 
 def _backward(heads, mask, rate, interpret, residuals, grad_NxTxD):
-    mask_TxT = np.array(mask, bool)
     qkv_NxTx3D, seed = residuals
-    n, t, three_d = qkv_NxTx3D.shape
-    flat = qkv_NxTx3D.reshape(n * t, three_d)
-    out = jax.ShapeDtypeStruct(flat.shape, qkv_NxTx3D.dtype)
-    grad = grad_NxTxD.reshape(n * t, -1).astype(qkv_NxTx3D.dtype)
-    dqkv = _call(
-        _backward_kernel,
-        BACKWARD_BLOCK,
-        BACKWARD_WARPS,
-        out,
-        flat,
-        heads,
-        mask_TxT,
-        rate,
-        seed,
-        grad,
-        interpret=interpret,
-    )
-    return dqkv.reshape(qkv_NxTx3D.shape), np.zeros(np.shape(seed), jax.dtypes.float0)
+    args = (qkv_NxTx3D, heads, mask, rate, seed, grad_NxTxD)
+    width = qkv_NxTx3D.shape[-1]
+    dqkv = _call(_backward_kernel, BACKWARD_BLOCK, BACKWARD_WARPS, width, *args, interpret=interpret)
+    return dqkv, np.zeros(np.shape(seed), jax.dtypes.float0)
 
 
 _fused.defvjp(_forward, _backward)
