@@ -14,6 +14,11 @@ Dropout on the attention weights draws from a counter hash of (query row, key po
 and a seed, so the backward pass redraws the forward pass's masks without storing them.
 `reference` is the same computation in jnp, the tests' oracle; off the GPU the kernels run
 interpreted.
+
+XLA cannot split a kernel by the batch: on a mesh with a `data` axis of several devices (the
+training steps set it while tracing, `steps.py`) each device runs the kernels on its own
+sequences under `shard_map`, counting rows from its first global row, so dropout draws the same
+masks on any number of devices.
 """
 
 import functools
@@ -23,6 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+from jax.sharding import PartitionSpec
+
+from fractalmidi_jax.sharding import DATA_AXIS
 
 # Rows (and keys) per program, whole sequences padded, and warps per program: the fastest of
 # blocks 64-256 x 2-8 warps forward and 32-128 x 2-8 backward at levels 1 and 2's 22 tokens on
@@ -108,7 +116,7 @@ def _store_block(ref, start, column, value, valid):
     )
 
 
-def _block(qkv_ref, mask_ref, seed_ref, *, heads, head_dim, seq_len, rate, total_rows, block):
+def _block(qkv_ref, mask_ref, seed_ref, first_row_ref, *, heads, head_dim, seq_len, rate, total_rows, block):
     """A program's first row, head, valid rows, q, k, v, dropout keep mask (None without
     dropout) and softmax weights (float32)."""
     used = sequences_per_block(seq_len, block) * seq_len
@@ -125,19 +133,20 @@ def _block(qkv_ref, mask_ref, seed_ref, *, heads, head_dim, seq_len, rate, total
     weights = weights / jnp.sum(weights, axis=1, keepdims=True)
     keep = None
     if rate > 0:
-        keep = keep_mask(seed_ref[...], rows[:, None], (index % seq_len)[None, :], head, seq_len, heads, rate)
+        global_rows = first_row_ref[...] + rows[:, None]
+        keep = keep_mask(seed_ref[...], global_rows, (index % seq_len)[None, :], head, seq_len, heads, rate)
     return start, head, valid, q, k, v, keep, weights
 
 
-def _forward_kernel(qkv_ref, mask_ref, seed_ref, out_ref, **sizes):
-    start, head, valid, _, _, v, keep, weights = _block(qkv_ref, mask_ref, seed_ref, **sizes)
+def _forward_kernel(qkv_ref, mask_ref, seed_ref, first_row_ref, out_ref, **sizes):
+    start, head, valid, _, _, v, keep, weights = _block(qkv_ref, mask_ref, seed_ref, first_row_ref, **sizes)
     if keep is not None:
         weights = jnp.where(keep, weights * kept_scale(sizes["rate"]), 0.0)
     _store_block(out_ref, start, head * sizes["head_dim"], plgpu.dot(weights.astype(v.dtype), v), valid)
 
 
-def _backward_kernel(qkv_ref, mask_ref, seed_ref, grad_ref, dqkv_ref, **sizes):
-    start, head, valid, q, k, v, keep, weights = _block(qkv_ref, mask_ref, seed_ref, **sizes)
+def _backward_kernel(qkv_ref, mask_ref, seed_ref, first_row_ref, grad_ref, dqkv_ref, **sizes):
+    start, head, valid, q, k, v, keep, weights = _block(qkv_ref, mask_ref, seed_ref, first_row_ref, **sizes)
     head_dim = sizes["head_dim"]
     grad = _load_block(grad_ref, start, head * head_dim, head_dim, valid)
     kept = weights
@@ -153,9 +162,10 @@ def _backward_kernel(qkv_ref, mask_ref, seed_ref, grad_ref, dqkv_ref, **sizes):
         _store_block(dqkv_ref, start, i * d + head * head_dim, value, valid)
 
 
-def _call(kernel, block, warps, out_width, qkv_NxTx3D, heads, mask, rate, seed, *extra, interpret=False):
+def _call(kernel, block, warps, out_width, qkv_NxTx3D, heads, mask, rate, seed, first_row, *extra, interpret):
     """`kernel` over the N T rows of `qkv_NxTx3D` (and of each of `extra`), blocks of `block`
-    rows, `mask` the hashed tuple form of the level's T x T mask: N x T x `out_width`."""
+    rows, `mask` the hashed tuple form of the level's T x T mask, `first_row` the global index of
+    the first row (for dropout): N x T x `out_width`."""
     n, t, three_d = qkv_NxTx3D.shape
     rows = n * t
     sizes = dict(
@@ -168,7 +178,13 @@ def _call(kernel, block, warps, out_width, qkv_NxTx3D, heads, mask, rate, seed, 
         grid=(pl.cdiv(rows, sequences_per_block(t, block) * t), heads),
         interpret=interpret,
         compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=1),
-    )(flat[0], jnp.asarray(block_mask(np.array(mask, bool), t, block)), jnp.reshape(seed, (1, 1)), *flat[1:])
+    )(
+        flat[0],
+        jnp.asarray(block_mask(np.array(mask, bool), t, block)),
+        jnp.reshape(seed, (1, 1)),
+        jnp.reshape(first_row, (1, 1)).astype(jnp.uint32),
+        *flat[1:],
+    )
     return y.reshape(n, t, out_width)
 
 
@@ -176,27 +192,44 @@ def fused_attention(qkv_NxTx3D, heads: int, mask_TxT: np.ndarray, rate: float, s
     """N x T x D attention outputs from the packed N x T x 3D q, k, v (`reference`'s result).
     `mask_TxT`: a static boolean array (all True for full attention); `seed`: uint32 (traced)."""
     mask = tuple(map(tuple, np.asarray(mask_TxT, bool).tolist()))  # static arguments are hashed
-    return _fused(qkv_NxTx3D, heads, mask, rate, jnp.asarray(seed, jnp.uint32), interpret)
+    seed = jnp.asarray(seed, jnp.uint32)
+    mesh = jax.sharding.get_abstract_mesh()
+    shards = 1 if mesh.empty else dict(mesh.shape).get(DATA_AXIS, 1)
+    if shards == 1:
+        return _fused(qkv_NxTx3D, heads, mask, rate, seed, jnp.uint32(0), interpret)
+    n, t, _ = qkv_NxTx3D.shape
+    padded = jnp.pad(qkv_NxTx3D, ((0, -n % shards), (0, 0), (0, 0)))
+
+    def on_each_device(qkv_local, seed):
+        first_row = jax.lax.axis_index(DATA_AXIS).astype(jnp.uint32) * (qkv_local.shape[0] * t)
+        return _fused(qkv_local, heads, mask, rate, seed, first_row, interpret)
+
+    rows, whole = PartitionSpec(DATA_AXIS), PartitionSpec()
+    sharded = jax.shard_map(
+        on_each_device, mesh=mesh, in_specs=(rows, whole), out_specs=rows, check_vma=False
+    )
+    return sharded(padded, seed)[:n]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 5))
-def _fused(qkv_NxTx3D, heads, mask, rate, seed, interpret):
-    return _forward(qkv_NxTx3D, heads, mask, rate, seed, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 6))
+def _fused(qkv_NxTx3D, heads, mask, rate, seed, first_row, interpret):
+    return _forward(qkv_NxTx3D, heads, mask, rate, seed, first_row, interpret)[0]
 
 
-def _forward(qkv_NxTx3D, heads, mask, rate, seed, interpret):
+def _forward(qkv_NxTx3D, heads, mask, rate, seed, first_row, interpret):
     width = qkv_NxTx3D.shape[-1] // 3
-    args = (qkv_NxTx3D, heads, mask, rate, seed)
+    args = (qkv_NxTx3D, heads, mask, rate, seed, first_row)
     y = _call(_forward_kernel, FORWARD_BLOCK, FORWARD_WARPS, width, *args, interpret=interpret)
-    return y, (qkv_NxTx3D, seed)
+    return y, (qkv_NxTx3D, seed, first_row)
 
 
 def _backward(heads, mask, rate, interpret, residuals, grad_NxTxD):
-    qkv_NxTx3D, seed = residuals
-    args = (qkv_NxTx3D, heads, mask, rate, seed, grad_NxTxD)
+    qkv_NxTx3D, seed, first_row = residuals
+    args = (qkv_NxTx3D, heads, mask, rate, seed, first_row, grad_NxTxD)
     width = qkv_NxTx3D.shape[-1]
     dqkv = _call(_backward_kernel, BACKWARD_BLOCK, BACKWARD_WARPS, width, *args, interpret=interpret)
-    return dqkv, np.zeros(np.shape(seed), jax.dtypes.float0)
+    no_gradient = lambda x: np.zeros(np.shape(x), jax.dtypes.float0)
+    return dqkv, no_gradient(seed), no_gradient(first_row)
 
 
 _fused.defvjp(_forward, _backward)

@@ -6,6 +6,8 @@ was seen since the start; checked on the host at every logged step; a checkpoint
 state's own arrays, checkpoint.is_finite).
 Random keys: step s uses fold_in(key(seed), s), so a resumed run draws the same masks.
 Batches: the loader's dict (data.py), split over the mesh's data axis and handed whole to the loss.
+The steps trace under their mesh (`use_abstract_mesh`), so code that must split work by the batch
+itself (short_attention's kernels, under shard_map) finds the data axis.
 """
 
 import jax
@@ -75,7 +77,8 @@ def make_train_step(graphdef, config: Config, mesh):
             loss, stats = fractal_loss(nnx.merge(graphdef, params), config, batch, rng, train=True)
             return loss * scale, stats
 
-        grads, stats = jax.grad(scaled_loss, has_aux=True)(state["params"])
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            grads, stats = jax.grad(scaled_loss, has_aux=True)(state["params"])
         grads = jax.tree.map(lambda g: g / scale, grads)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
@@ -108,7 +111,8 @@ def make_eval_step(graphdef, config: Config, mesh):
     masks), so batches (their padding weighted 0) combine into one exact average."""
 
     def eval_step(params, batch, key):
-        loss, stats = fractal_loss(nnx.merge(graphdef, params), config, batch, key, False)
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            loss, stats = fractal_loss(nnx.merge(graphdef, params), config, batch, key, False)
         return loss * stats["reached_cells"], stats["reached_cells"]
 
     return jax.jit(

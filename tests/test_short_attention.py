@@ -5,9 +5,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec
 
 from fractalmidi_jax import short_attention as sa
 from fractalmidi_jax.column import column_mask
+from fractalmidi_jax.sharding import DATA_AXIS
 
 
 def _qkv(n, t, d, dtype=jnp.float32, seed=0):
@@ -63,3 +65,29 @@ def test_blocks_hold_whole_sequences():
     assert mask[:110, :110].sum() == 5 * MASKS["column"].sum() and not mask[110:].any()
     assert not mask[0, 22:].any()  # a token never sees another sequence
     assert sa.supported(22, 64) and not sa.supported(257, 64) and not sa.supported(22, 8)
+
+
+def test_on_a_mesh_each_device_runs_its_own_sequences_with_the_same_dropout():
+    """Under a mesh with a data axis of 8 devices the kernels run under shard_map (XLA cannot split
+    them by the batch), with 13 sequences padded to 16, and give one device's outputs and
+    gradients, dropout masks included."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), (DATA_AXIS,))
+    assert mesh.devices.size == 8
+    mask, rate, seed = MASKS["column"], 0.25, jnp.uint32(5)
+    qkv = _qkv(13, 22, 32)
+    cotangent = jax.random.normal(jax.random.key(2), (13, 22, 32))
+
+    def run(x):
+        y, vjp = jax.vjp(lambda x: sa.fused_attention(x, 2, mask, rate, seed, interpret=True), x)
+        return y, vjp(cotangent)[0]
+
+    want = jax.jit(run)(qkv)
+    sharded = jax.jit(run, in_shardings=NamedSharding(mesh, PartitionSpec()))
+
+    def under_mesh(x):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return sharded(x)
+
+    assert "shard_map" in str(jax.make_jaxpr(under_mesh)(qkv))
+    for got, expected in zip(under_mesh(qkv), want):
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)

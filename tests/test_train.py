@@ -106,9 +106,16 @@ def runs(config, tmp_path_factory) -> Path:
 # --- sharding ---
 
 
-def test_train_and_eval_steps_agree_on_8_devices_and_1(config):
+# With fused_attention the column levels' attention runs in short_attention's kernels, split over
+# the devices by shard_map (with dropout on, so its masks must agree too).
+FUSED = dict(fused_attention=True, embed_dim_list=(32, 32, 32, 16), attn_dropout=0.1)
+
+
+@pytest.mark.parametrize("changes", [{}, FUSED], ids=["xla_attention", "fused_attention"])
+def test_train_and_eval_steps_agree_on_8_devices_and_1(config, changes):
     """The same global batch, state and key give the same losses, metrics, updated weights,
     optimizer state and validation sums on a mesh of 8 devices as on one device."""
+    config = config.replace(**changes).validate()
     graphdef, fresh = steps.init_state(config)
     fresh = jax.device_get(fresh)
     rng = np.random.default_rng(0)
