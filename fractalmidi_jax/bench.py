@@ -30,7 +30,7 @@ from fractalmidi_jax import roll as roll_lib
 from fractalmidi_jax import sampler as sampler_lib
 from fractalmidi_jax import sharding, steps
 from fractalmidi_jax.cli import Parser
-from fractalmidi_jax.config import Config
+from fractalmidi_jax.config import Config, set_xla_flags
 from fractalmidi_jax.fractal import train_flops_per_sample
 from fractalmidi_jax.generation import load_model
 from fractalmidi_jax.head import Sampling
@@ -513,6 +513,7 @@ def main(argv=None):
     )
     if args.faithful:
         base = base.replace(**FAITHFUL)
+    set_xla_flags()
     print(f"{jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}")
     print(HEADER)
     names = [n for n in CASES if not args.only or any(text in n for text in args.only)]

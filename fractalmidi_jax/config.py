@@ -311,6 +311,22 @@ def cache_root() -> Path:
     return Path(os.environ.get("FRACTALMIDI_CACHE") or Path.home() / ".cache" / "fractalmidi_jax")
 
 
+# XLA flags every command sets for its process (XLA reads XLA_FLAGS once, when JAX starts its
+# backend), unless XLA_FLAGS already names them. CUDA graphs of any length: by default XLA
+# launches runs of fewer than 5 kernels one by one from the host, which then took longer to
+# launch a batch-16 training step (about 21 ms) than the H200 took to run it (15.7 ms;
+# BENCHMARKS.md). A compile option of the step alone did not reach the graphs.
+PROCESS_XLA_FLAGS = {"xla_gpu_graph_min_graph_size": "1"}
+
+
+def set_xla_flags() -> None:
+    """Adds PROCESS_XLA_FLAGS to XLA_FLAGS; a command calls it before its first computation."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    missing = [f"--{name}={value}" for name, value in PROCESS_XLA_FLAGS.items() if f"--{name}=" not in flags]
+    if missing:
+        os.environ["XLA_FLAGS"] = " ".join([flags, *missing]).strip()
+
+
 def use_compilation_cache() -> None:
     """Keep compiled XLA programs under cache_root()/xla, so a second run with the same shapes
     (another generate.py call, a resumed training) skips its compiles. A cache folder already

@@ -6,11 +6,12 @@ Every field of fractalmidi_jax/config.py is a flag (`--help` lists them by secti
 its comment and default); flags override the YAML.
 """
 
-from fractalmidi_jax.config import parse_flags, use_compilation_cache
+from fractalmidi_jax.config import parse_flags, set_xla_flags, use_compilation_cache
 
 
 def main(argv: list[str] | None = None) -> None:
     config = parse_flags(argv, description=__doc__.split("\n")[0])
+    set_xla_flags()
     use_compilation_cache()
     from fractalmidi_jax.trainer import train  # after the flags: --help and flag errors skip importing jax
 

@@ -1,6 +1,7 @@
 """Tests of fractalmidi_jax.config: shipped YAML files, refusals that name the field, flags over YAML,
 YAML round trips and device lists."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -141,3 +142,19 @@ def test_bad_devices_are_refused(spec):
     """Anything but 'all', a positive count or a list of indices is refused."""
     with pytest.raises(ValueError, match="devices="):
         parse_devices(spec)
+
+
+def test_process_xla_flags_are_added_unless_given(monkeypatch):
+    """Commands add their XLA flags to the user's, and a flag the user set keeps its value."""
+    from fractalmidi_jax.config import PROCESS_XLA_FLAGS, set_xla_flags
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/d")
+    set_xla_flags()
+    flags = os.environ["XLA_FLAGS"].split()
+    assert flags[0] == "--xla_dump_to=/tmp/d"
+    assert set(flags[1:]) == {f"--{name}={value}" for name, value in PROCESS_XLA_FLAGS.items()}
+    set_xla_flags()
+    assert os.environ["XLA_FLAGS"].split() == flags  # once only
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_graph_min_graph_size=5")
+    set_xla_flags()
+    assert os.environ["XLA_FLAGS"] == "--xla_gpu_graph_min_graph_size=5"
