@@ -513,10 +513,11 @@ def main(argv=None):
     )
     if args.faithful:
         base = base.replace(**FAITHFUL)
-    set_xla_flags()
+    names = [n for n in CASES if not args.only or any(text in n for text in args.only)]
+    if all(CASES[name][0] == "train" for name in names):
+        set_xla_flags()  # as train.py runs; they slowed the sampler (BENCHMARKS.md)
     print(f"{jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}")
     print(HEADER)
-    names = [n for n in CASES if not args.only or any(text in n for text in args.only)]
     trained = None
     if args.checkpoint:
         config, _, params, _ = load_model(args.checkpoint)

@@ -311,16 +311,16 @@ def cache_root() -> Path:
     return Path(os.environ.get("FRACTALMIDI_CACHE") or Path.home() / ".cache" / "fractalmidi_jax")
 
 
-# XLA flags every command sets for its process (XLA reads XLA_FLAGS once, when JAX starts its
-# backend), unless XLA_FLAGS already names them. CUDA graphs of any length: by default XLA
-# launches runs of fewer than 5 kernels one by one from the host, which then took longer to
-# launch a batch-16 training step (about 21 ms) than the H200 took to run it (15.7 ms;
-# BENCHMARKS.md). A compile option of the step alone did not reach the graphs.
+# XLA flags the training command sets for its process (XLA reads XLA_FLAGS once, when JAX starts
+# its backend), unless XLA_FLAGS already names them. CUDA graphs of any length: by default XLA
+# launches runs of fewer than 5 kernels one by one from the host; with --fused_attention (whose
+# kernels split the graphs) a batch-16 step took 20-23 ms for 15.7 ms of GPU work, 17-18.5 ms
+# with this. The sampler was slower with it, so generate.py does not set it (BENCHMARKS.md).
 PROCESS_XLA_FLAGS = {"xla_gpu_graph_min_graph_size": "1"}
 
 
 def set_xla_flags() -> None:
-    """Adds PROCESS_XLA_FLAGS to XLA_FLAGS; a command calls it before its first computation."""
+    """Adds PROCESS_XLA_FLAGS to XLA_FLAGS; train.py calls it before its first computation."""
     flags = os.environ.get("XLA_FLAGS", "")
     missing = [f"--{name}={value}" for name, value in PROCESS_XLA_FLAGS.items() if f"--{name}=" not in flags]
     if missing:

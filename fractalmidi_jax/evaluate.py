@@ -33,7 +33,6 @@ from PIL import Image, ImageDraw, ImageFont
 
 from fractalmidi_jax import music_stats, progress
 from fractalmidi_jax.cli import Parser
-from fractalmidi_jax.config import set_xla_flags
 
 GENERATED_COLOUR = (230, 120, 30)
 REFERENCE_COLOUR = (40, 100, 190)
@@ -495,7 +494,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    set_xla_flags()
     args.func(args)
 
 

@@ -45,14 +45,7 @@ from fractalmidi_jax import grid as grid_lib
 from fractalmidi_jax import roll as roll_lib
 from fractalmidi_jax import sampler as sampler_lib
 from fractalmidi_jax.cli import Parser
-from fractalmidi_jax.config import (
-    NUM_PITCHES,
-    Config,
-    ConfigError,
-    from_dict,
-    set_xla_flags,
-    use_compilation_cache,
-)
+from fractalmidi_jax.config import NUM_PITCHES, Config, ConfigError, from_dict, use_compilation_cache
 from fractalmidi_jax.fractal import build_model
 from fractalmidi_jax.head import Sampling
 from fractalmidi_jax.output_dir import OutputDirError, check_writable
@@ -756,7 +749,6 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.num_samples < 1 or args.batch_size < 1:
         parser.error("--num_samples and --batch_size must be at least 1")
-    set_xla_flags()
     use_compilation_cache()
     try:
         if args.num_iter_list and min(args.num_iter_list) < 1:

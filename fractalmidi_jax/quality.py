@@ -37,7 +37,6 @@ def main(argv=None) -> None:
 
     from fractalmidi_jax import bench, evaluate, generation, music_stats, trainer
 
-    config_lib.set_xla_flags()
     config_lib.use_compilation_cache()
     started = time.perf_counter()
     if not args.skip_training:
