@@ -124,6 +124,13 @@ def print_profile(profile_dir: str):
     kernels = device_kernels(profile_dir)
     instructions = hlo_instructions(Path(profile_dir, HLO_FILE).read_text())
     print(format_kernel_table(kernel_table(kernels, PROFILED_RUNS)), flush=True)
+    if kernels:
+        busy, short, long = device_idle(kernels, PROFILED_RUNS)
+        print(
+            f"device per run: busy {busy:.2f} ms, idle {short:.2f} ms in gaps under "
+            f"{HOST_WAIT_US / 1000:g} ms and {long:.2f} ms in longer ones (waiting on the host)",
+            flush=True,
+        )
     print(format_kernel_table(level_table(kernels, PROFILED_RUNS, instructions), "by level"), flush=True)
     print(
         format_kernel_table(source_table(kernels, PROFILED_RUNS, instructions), "by level and line", 30),
@@ -146,13 +153,14 @@ def kernel_kind(name: str) -> str:
 
 
 class Kernel(NamedTuple):
-    """A device kernel of a trace: its name, microseconds, and the HLO instruction it runs where
+    """A device kernel of a trace: its name, microseconds, the HLO instruction it runs where
     the trace names one (a library GEMM's kernel is named by the library, its instruction in
-    `hlo_op`), else ""."""
+    `hlo_op`), else "", and when it started (microseconds)."""
 
     name: str
     microseconds: float
     hlo_op: str
+    start: float = 0.0
 
 
 def device_kernels(profile_dir: str) -> list[Kernel]:
@@ -171,7 +179,7 @@ def device_kernels(profile_dir: str) -> list[Kernel]:
     }
     devices = {pid for (pid, tid), name in names.items() if tid is None and "/device:" in name}
     return [
-        Kernel(e["name"], e["dur"], e.get("args", {}).get("hlo_op", ""))
+        Kernel(e["name"], e["dur"], e.get("args", {}).get("hlo_op", ""), e["ts"])
         for e in events
         if e.get("ph") == "X"
         and e["pid"] in devices
@@ -188,6 +196,28 @@ def _sum_kernels(kernels: list[Kernel], runs: int, key) -> list[tuple[str, float
         time_ms[group] += kernel.microseconds / 1000 / runs
         count[group] += 1 / runs
     return [(group, ms, count[group]) for group, ms in time_ms.most_common()]
+
+
+HOST_WAIT_US = 1000.0  # an idle device gap this long is the device waiting on the host
+
+
+def device_idle(kernels: list[Kernel], runs: int) -> tuple[float, float, float]:
+    """(busy, idle in short gaps, idle in gaps of HOST_WAIT_US or more), ms per run, from the
+    first kernel's start to the last one's end, the device's streams taken together. The profile
+    synchronises every run, so its long gaps include the host's time before a step's first
+    kernel; a step whose back-to-back time exceeds its busy time is waiting on the host."""
+    busy = short = long = 0.0
+    end = None
+    for kernel in sorted(kernels, key=lambda kernel: kernel.start):
+        finish = kernel.start + kernel.microseconds
+        if end is not None and kernel.start < end:  # overlaps the work before it
+            busy += max(0.0, finish - end)
+        else:
+            gap = 0.0 if end is None else kernel.start - end
+            short, long = (short + gap, long) if gap < HOST_WAIT_US else (short, long + gap)
+            busy += kernel.microseconds
+        end = finish if end is None else max(end, finish)
+    return busy / 1000 / runs, short / 1000 / runs, long / 1000 / runs
 
 
 def kernel_table(kernels: list[Kernel], runs: int) -> list[tuple[str, float, float]]:

@@ -50,8 +50,8 @@ def write_trace(folder, events):
         json.dump({"traceEvents": meta + events}, f)
 
 
-def kernel(pid, tid, name, dur):
-    return {"ph": "X", "pid": pid, "tid": tid, "name": name, "dur": dur, "ts": 0}
+def kernel(pid, tid, name, dur, ts=0.0):
+    return {"ph": "X", "pid": pid, "tid": tid, "name": name, "dur": dur, "ts": ts}
 
 
 def test_kernel_table_sums_the_device_streams_per_run(tmp_path):
@@ -72,6 +72,21 @@ def test_kernel_table_sums_the_device_streams_per_run(tmp_path):
         ("loop_add_fusion", 2.0, 1.0),
     ]
     assert "loop_add_fusion" in bench.format_kernel_table(bench.kernel_table(kernels, runs=2))
+
+
+def test_device_idle_splits_short_gaps_from_waits_on_the_host(tmp_path):
+    """Busy time counts overlapping kernels (of several streams) once; gaps between kernels are idle,
+    short ones apart from those of a millisecond or more (the device waiting on the host)."""
+    events = [
+        kernel(2, 7, "a", 100.0, ts=0.0),
+        kernel(2, 7, "b", 100.0, ts=150.0),  # 50 us after a
+        kernel(2, 7, "d", 200.0, ts=3250.0),  # 3 ms after b
+        kernel(2, 7, "e", 150.0, ts=3300.0),  # inside d
+        kernel(2, 8, "d", 200.0, ts=3250.0),  # the XLA Ops line repeats it: not counted
+    ]
+    write_trace(tmp_path, events)
+    busy, short, long = bench.device_idle(bench.device_kernels(str(tmp_path)), runs=2)
+    assert (busy, short, long) == (0.2, 0.025, 1.5)
 
 
 def doubled_sine(x):
