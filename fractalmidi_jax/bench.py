@@ -362,15 +362,20 @@ def format_kernel_table(rows, grouped: str = "", top: int = 15) -> str:
     return "\n".join(lines)
 
 
-def bench_train(config: Config, batch: int, width: int, num_steps: int, profile_dir: str = "") -> dict:
+def bench_train(
+    config: Config, batch: int, width: int, num_steps: int, profile_dir: str = "", steps_per_call: int = 1
+) -> dict:
+    """Per micro-step: with `steps_per_call` K, a call makes K updates and its time is divided by K."""
     config = config.replace(crop_length=width, train_batch_size=batch, max_crop_length=max(width, 512))
     mesh = sharding.make_mesh("1")
     graphdef, state = steps.init_state(config)
     state = steps.place_state(state, mesh)
-    rolls = {"roll": realistic_rolls(batch, width, config.roll)}
-    train_batch = jax.device_put(rolls, sharding.batch_sharding(mesh))
+    rolls = realistic_rolls(batch * steps_per_call, width, config.roll)
+    if steps_per_call > 1:
+        rolls = rolls.reshape(steps_per_call, batch, *rolls.shape[1:])
+    train_batch = jax.device_put({"roll": rolls}, sharding.batch_sharding(mesh, stacked=steps_per_call > 1))
     key = jax.random.key(0)
-    train_step = steps.make_train_step(graphdef, config, mesh)
+    train_step = steps.make_train_step(graphdef, config, mesh, steps_per_call)
     start = time.perf_counter()
     compiled = train_step.lower(state, train_batch, key).compile()
     compile_s = time.perf_counter() - start
@@ -382,7 +387,7 @@ def bench_train(config: Config, batch: int, width: int, num_steps: int, profile_
 
     for _ in range(3):
         run()
-    seconds = _median_seconds(run, num_steps, TRAIN_BURST)
+    seconds = _median_seconds(run, num_steps, TRAIN_BURST) / steps_per_call
     _profile(run, profile_dir, compiled)
     flops = train_flops_per_sample(config, width) * batch
     return {
@@ -428,7 +433,13 @@ def bench_sample(
 
 
 def run_cases(
-    names, base: Config, num_steps: int, num_iter, profile_dir: str = "", trained=None
+    names,
+    base: Config,
+    num_steps: int,
+    num_iter,
+    profile_dir: str = "",
+    trained=None,
+    steps_per_call: int = 1,
 ) -> list[dict]:
     """`trained`: (config, params) of a checkpoint, which the sampling cases then time."""
     rows = []
@@ -437,7 +448,7 @@ def run_cases(
         config = base.replace(precision=precision, generator_types=generator_types or base.generator_types)
         profile = profile_dir if i == 0 else ""
         if kind == "train":
-            result = bench_train(config, batch, width, num_steps, profile)
+            result = bench_train(config, batch, width, num_steps, profile, steps_per_call)
         elif trained:
             result = bench_sample(
                 trained[0], batch, width, num_iter, max(3, num_steps // 3), profile, trained[1]
@@ -450,11 +461,11 @@ def run_cases(
     return rows
 
 
-def best_batch(base: Config, num_steps: int, batches) -> list[dict]:
+def best_batch(base: Config, num_steps: int, batches, steps_per_call: int = 1) -> list[dict]:
     rows = []
     for batch in batches:
         try:
-            result = bench_train(base.replace(precision="bf16"), batch, 512, num_steps)
+            result = bench_train(base.replace(precision="bf16"), batch, 512, num_steps, "", steps_per_call)
         except Exception as error:  # out of memory ends the search
             print(f"batch {batch}: {type(error).__name__}: {str(error).splitlines()[0][:120]}")
             break
@@ -513,6 +524,12 @@ def main(argv=None):
         help="print the tables of a --profile folder (brought back from the GPU) and run nothing",
     )
     parser.add_argument("--steps", type=int, default=10, help="timed steps per training case")
+    parser.add_argument(
+        "--steps_per_call",
+        type=int,
+        default=1,
+        help="training micro-steps per dispatch, in a lax.scan (times are per micro-step)",
+    )
     parser.add_argument("--num_iter_list", type=int, nargs="+", default=[12, 8, 4, 1])
     parser.add_argument("--best_batches", type=int, nargs="*", default=list(BEST_BATCHES))
     parser.add_argument("--out", default="", help="write the rows as JSON here")
@@ -529,6 +546,8 @@ def main(argv=None):
         "--checkpoint", default="", help="sampling cases time this checkpoint's model and weights"
     )
     args = parser.parse_args(argv)
+    if args.steps_per_call < 1:
+        parser.error("--steps_per_call must be at least 1")
     if args.read_profile:
         try:
             print_profile(args.read_profile)
@@ -552,9 +571,11 @@ def main(argv=None):
     if args.checkpoint:
         config, _, params, _ = load_model(args.checkpoint)
         trained = (config.replace(**sampling).validate(), params)
-    rows = run_cases(names, base, args.steps, tuple(args.num_iter_list), args.profile, trained)
+    rows = run_cases(
+        names, base, args.steps, tuple(args.num_iter_list), args.profile, trained, args.steps_per_call
+    )
     if args.best_batches:
-        rows += best_batch(base, args.steps, args.best_batches)
+        rows += best_batch(base, args.steps, args.best_batches, args.steps_per_call)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)

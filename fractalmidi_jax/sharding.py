@@ -55,9 +55,10 @@ def make_mesh(devices_spec: str) -> Mesh:
     return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Splits every array of a batch (data.py) along its first axis, the samples."""
-    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+def batch_sharding(mesh: Mesh, stacked: bool = False) -> NamedSharding:
+    """Splits every array of a batch (data.py) along its samples: the first axis, or the second
+    of `stacked` micro-batches (micro-batch x sample x ...)."""
+    return NamedSharding(mesh, PartitionSpec(None, DATA_AXIS) if stacked else PartitionSpec(DATA_AXIS))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

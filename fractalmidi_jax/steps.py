@@ -63,8 +63,11 @@ def eval_params(state):
     return state.get("ema", state["params"])
 
 
-def make_train_step(graphdef, config: Config, mesh):
-    """(state, batch, key) -> (state, metrics): one micro-batch's update."""
+def make_train_step(graphdef, config: Config, mesh, steps_per_call: int = 1):
+    """(state, batch, key) -> (state, metrics): one micro-batch's update. With `steps_per_call`
+    K > 1 the batch's arrays have a leading axis of K micro-batches, one call makes their K
+    updates in a `lax.scan` (the host dispatches once; `bench --steps_per_call`) and the metrics
+    have that leading axis too."""
     optimizer = optim.make_optimizer(config)
     schedule = optim.learning_rate(config)
     scale = LOSS_SCALE.get(config.precision, 1.0)
@@ -97,9 +100,12 @@ def make_train_step(graphdef, config: Config, mesh):
         metrics = dict(stats, grad_norm=optax.tree.norm(grads), lr=schedule(update_step))
         return new_state, metrics
 
+    def train_steps(state, batches, key):
+        return jax.lax.scan(lambda state, batch: train_step(state, batch, key), state, batches)
+
     return jax.jit(
-        train_step,
-        in_shardings=(replicated(mesh), batch_sharding(mesh), replicated(mesh)),
+        train_step if steps_per_call == 1 else train_steps,
+        in_shardings=(replicated(mesh), batch_sharding(mesh, stacked=steps_per_call > 1), replicated(mesh)),
         out_shardings=(replicated(mesh), replicated(mesh)),
         donate_argnums=(0,),
         compiler_options=STEP_COMPILER_OPTIONS,

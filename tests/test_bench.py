@@ -23,11 +23,12 @@ def test_realistic_rolls_are_sparse_notes():
 
 
 def test_train_and_sample_cases_report_a_row():
-    """A training and a sampling case on the tiny model: times, samples/s, MFU and compile
-    time are positive, and they format as a table row."""
+    """Training cases (one and two micro-steps per call) and a sampling case on the tiny model:
+    times, samples/s, MFU and compile time are positive, and they format as a table row."""
     train = bench.bench_train(TINY, batch=2, width=64, num_steps=1)
+    scanned = bench.bench_train(TINY, batch=2, width=64, num_steps=1, steps_per_call=2)
     sample = bench.bench_sample(TINY, batch=1, width=64, num_iter=(1, 1, 1, 1), repeats=1)
-    for row in (train, sample):
+    for row in (train, scanned, sample):
         assert row["seconds"] > 0 and row["compile_s"] > 0 and row["samples_per_s"] > 0
     assert 0 < train["mfu"] < 1
     train.update(name="train tiny", reference_seconds=1.0, speedup=1.0 / train["seconds"])

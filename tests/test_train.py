@@ -153,6 +153,34 @@ def test_train_and_eval_steps_agree_on_8_devices_and_1(config, changes):
     np.testing.assert_allclose(sums8, sums1, rtol=1e-5)
 
 
+def test_several_steps_per_call_update_as_single_steps_do(config):
+    """With steps_per_call 2 one call (a lax.scan over 2 stacked micro-batches, split over 8
+    devices) gives the states and metrics of 2 single-step calls."""
+    graphdef, fresh = steps.init_state(config)
+    fresh = jax.device_get(fresh)
+    rng = np.random.default_rng(1)
+    shape = (2, config.train_batch_size, 128, config.crop_length)
+    rolls = ((rng.random(shape) < 0.05) * rng.integers(1, 128, shape)).astype(np.uint8)
+    key = jax.random.key(3)
+    mesh = sharding.make_mesh("all")
+    single = steps.make_train_step(graphdef, config, mesh)
+    state, metrics = steps.place_state(fresh, mesh), []
+    for roll in rolls:
+        state, step_metrics = single(state, sharding.global_batch(mesh, {"roll": roll}), key)
+        metrics.append(step_metrics)
+    want = jax.device_get((state, metrics))
+    scanned = steps.make_train_step(graphdef, config, mesh, steps_per_call=2)
+    stacked = jax.device_put({"roll": rolls}, sharding.batch_sharding(mesh, stacked=True))
+    state2, metrics2 = jax.device_get(scanned(steps.place_state(fresh, mesh), stacked, key))
+    assert int(state2["step"]) == 2
+    for name, values in metrics2.items():
+        np.testing.assert_allclose(values, [m[name] for m in want[1]], rtol=1e-5, atol=1e-6, err_msg=name)
+    for (path, x2), x1 in zip(jax.tree_util.tree_leaves_with_path(state2), jax.tree.leaves(want[0])):
+        np.testing.assert_allclose(
+            x2, x1, rtol=1e-5, atol=0.01 * config.lr, err_msg=jax.tree_util.keystr(path)
+        )
+
+
 def test_a_new_batch_key_reaches_the_loss_through_the_sharded_train_step(config, monkeypatch):
     """A new per-sample input needs the loader and the loss only: a batch with an extra key goes
     through the 8-device train step as it is, the loss sees the key's global values, and the
