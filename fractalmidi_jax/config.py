@@ -314,8 +314,8 @@ def cache_root() -> Path:
 # XLA flags the training command sets for its process (XLA reads XLA_FLAGS once, when JAX starts
 # its backend), unless XLA_FLAGS already names them. CUDA graphs of any length: by default XLA
 # launches runs of fewer than 5 kernels one by one from the host; with --fused_attention (whose
-# kernels split the graphs) a batch-16 step took 20-23 ms for 15.7 ms of GPU work, 17-18.5 ms
-# with this. The sampler was slower with it, so generate.py does not set it (BENCHMARKS.md).
+# kernels presumably split the graphs) a batch-16 step took 18-23 ms for 15.7 ms of GPU work,
+# 17-18.5 ms with this. The sampler was slower with it, so generate.py does not set it (BENCHMARKS.md).
 PROCESS_XLA_FLAGS = {"xla_gpu_graph_min_graph_size": "1"}
 
 
