@@ -160,7 +160,7 @@ class Kernel(NamedTuple):
     name: str
     microseconds: float
     hlo_op: str
-    start: float = 0.0
+    start: float
 
 
 def device_kernels(profile_dir: str) -> list[Kernel]:
