@@ -8,7 +8,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from tiny import run_two_processes, tiny_training
+from tiny import run_two_processes, sparse_rolls, tiny_training
 
 from fractalmidi_jax import sharding, steps
 
@@ -45,9 +45,7 @@ WORKER = textwrap.dedent(
 
 
 def global_batch() -> np.ndarray:
-    rng = np.random.default_rng(1)
-    shape = (GLOBAL_BATCH, 128, 32)
-    return ((rng.random(shape) < 0.05) * rng.integers(1, 128, shape)).astype(np.uint8)
+    return sparse_rolls(np.random.default_rng(1), (GLOBAL_BATCH, 128, 32))
 
 
 def load_initial_state(path) -> dict:

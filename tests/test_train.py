@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import yaml
-from tiny import stop_at, tiny_training, write_song
+from tiny import sparse_rolls, stop_at, tiny_training, write_song
 
 from fractalmidi_jax import checkpoint as ckpt
 from fractalmidi_jax import optim, sharding, steps, trainer
@@ -45,6 +45,15 @@ def assert_trees_equal(a, b) -> None:
     assert jax.tree.structure(a) == jax.tree.structure(b)
     for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+
+
+def assert_states_close(a, b, lr: float) -> None:
+    """Train states alike to float rounding. AdamW's first steps move a weight by about lr
+    whatever its gradient's size, so a gradient at rounding level, summed in another order (over
+    8 devices, or in a scan), moves it by a different fraction of that (one of 48 entries was
+    1.1e-6 off in CI): weights are compared to 1% of lr."""
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=0.01 * lr, err_msg=jax.tree_util.keystr(path))
 
 
 def read_events(log_dir: Path) -> tuple[dict[str, dict[int, float]], set[str]]:
@@ -120,7 +129,7 @@ def test_train_and_eval_steps_agree_on_8_devices_and_1(config, changes):
     fresh = jax.device_get(fresh)
     rng = np.random.default_rng(0)
     shape = (config.train_batch_size, 128, config.crop_length)
-    roll = ((rng.random(shape) < 0.05) * rng.integers(1, 128, shape)).astype(np.uint8)
+    roll = sparse_rolls(rng, shape)
     weight = (np.arange(len(roll)) < 6).astype(np.float32)  # the last two are padding
     key = jax.random.key(7)
     results = {}
@@ -143,13 +152,7 @@ def test_train_and_eval_steps_agree_on_8_devices_and_1(config, changes):
         for name in m8:
             np.testing.assert_allclose(m8[name], m1[name], rtol=1e-5, atol=1e-6, err_msg=name)
     assert not np.allclose(state8["params"]["head"]["bias"], fresh["params"]["head"]["bias"])
-    # AdamW's first steps move a weight by about lr whatever its gradient's size, so a gradient at
-    # rounding level, summed over 8 devices in another order, moves it by a different fraction of
-    # that (one of 48 entries was 1.1e-6 off in CI): compare to 1% of lr.
-    for (path, x8), x1 in zip(jax.tree_util.tree_leaves_with_path(state8), jax.tree.leaves(state1)):
-        np.testing.assert_allclose(
-            x8, x1, rtol=1e-5, atol=0.01 * config.lr, err_msg=jax.tree_util.keystr(path)
-        )
+    assert_states_close(state8, state1, config.lr)
     np.testing.assert_allclose(sums8, sums1, rtol=1e-5)
 
 
@@ -160,7 +163,7 @@ def test_several_steps_per_call_update_as_single_steps_do(config):
     fresh = jax.device_get(fresh)
     rng = np.random.default_rng(1)
     shape = (2, config.train_batch_size, 128, config.crop_length)
-    rolls = ((rng.random(shape) < 0.05) * rng.integers(1, 128, shape)).astype(np.uint8)
+    rolls = sparse_rolls(rng, shape)
     key = jax.random.key(3)
     mesh = sharding.make_mesh("all")
     single = steps.make_train_step(graphdef, config, mesh)
@@ -175,10 +178,7 @@ def test_several_steps_per_call_update_as_single_steps_do(config):
     assert int(state2["step"]) == 2
     for name, values in metrics2.items():
         np.testing.assert_allclose(values, [m[name] for m in want[1]], rtol=1e-5, atol=1e-6, err_msg=name)
-    for (path, x2), x1 in zip(jax.tree_util.tree_leaves_with_path(state2), jax.tree.leaves(want[0])):
-        np.testing.assert_allclose(
-            x2, x1, rtol=1e-5, atol=0.01 * config.lr, err_msg=jax.tree_util.keystr(path)
-        )
+    assert_states_close(state2, want[0], config.lr)
 
 
 def test_a_new_batch_key_reaches_the_loss_through_the_sharded_train_step(config, monkeypatch):
@@ -200,7 +200,7 @@ def test_a_new_batch_key_reaches_the_loss_through_the_sharded_train_step(config,
     train_step = steps.make_train_step(graphdef, config, mesh)
     rng = np.random.default_rng(1)
     shape = (config.train_batch_size, 128, config.crop_length)
-    roll = ((rng.random(shape) < 0.05) * rng.integers(1, 128, shape)).astype(np.uint8)
+    roll = sparse_rolls(rng, shape)
     instrument = rng.integers(0, 128, config.train_batch_size).astype(np.int32)
     metrics = {}
     for local in ({"roll": roll}, {"roll": roll, "instrument": instrument}):

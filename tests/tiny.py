@@ -72,6 +72,11 @@ def tiny_training(folder: Path | None = None, **changes) -> Config:
     return tiny(**dict(values, **changes))
 
 
+def sparse_rolls(rng: np.random.Generator, shape) -> np.ndarray:
+    """Token rolls with about 5% of cells sounding at random velocities (uint8)."""
+    return ((rng.random(shape) < 0.05) * rng.integers(1, 128, shape)).astype(np.uint8)
+
+
 def empty_bias(model, logit: float):
     """Every skipping level says `logit` for every patch (> 0: empty)."""
     for level in model.levels:
