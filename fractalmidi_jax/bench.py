@@ -4,8 +4,8 @@
     python -m fractalmidi_jax.bench --only train     # cases whose name contains 'train'
 
 Each case compiles once (compile time reported), runs warm-up steps, then reports the median
-seconds per step over `--steps` timings of 5 steps dispatched back to back with one device
-synchronisation (as in training, where the host never waits for a step); sampling times each
+seconds per step over `--steps` timings of 20 steps dispatched back to back with one device
+synchronisation (as in training, where the host waits only at logging steps); sampling times each
 batch on its own. Inputs are realistic sparse rolls
 (about 3% of cells sounding, notes of 1-16 steps). Memory is XLA's own account of the
 compiled program (arguments + temporaries + outputs). Model FLOP utilisation counts the
@@ -66,7 +66,7 @@ CASES = {
 }
 BEST_BATCHES = (16, 32, 64, 128, 256)
 REFERENCE_BEST = 168.0  # samples/s, 128x512 batch 64 bf16
-TRAIN_BURST = 5  # training steps per timing, synchronised once
+TRAIN_BURST = 20  # training steps per timing, synchronised once (the trainer: every 50-100)
 PROFILED_RUNS = 5  # steps (or sampled batches) in a --profile trace
 HLO_FILE = "optimized_hlo.txt"  # the profiled program's optimised HLO, beside its trace
 
@@ -486,7 +486,7 @@ CONFIG_FLAGS = {
     "empty_budget": "training: budget share kept for empty patches below the skipping levels (sparse.py)",
     "skip_empty_capacity": "sampling slots per pass, of the patches drawn (sparse.py); also for --checkpoint",
     "skip_empty_round_buckets": "level-0 round shapes compiled when skipping (mar.py); also for --checkpoint",
-    "fused_attention": "short sequences' attention through short_attention.py's Pallas kernels",
+    "fused_attention": "attention through short_ and long_attention.py's Pallas kernels",
     "scan_layers": "level 0's blocks under lax.scan (see config.py)",
 }
 SAMPLING_FLAGS = ("skip_empty_capacity", "skip_empty_round_buckets")  # also applied to --checkpoint

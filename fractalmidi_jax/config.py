@@ -73,7 +73,7 @@ class Config:
     max_crop_length: int = 512  # widest roll the level-0 time positions cover (steps)
     grad_checkpoint: bool = False  # rematerialise transformer blocks in the backward pass
     scan_layers: bool = False  # run level 0's blocks under lax.scan: compiles faster, steps slower
-    fused_attention: bool = False  # experimental: short sequences' attention in Pallas (short_attention.py)
+    fused_attention: bool = False  # attention without a KV cache in Pallas kernels on the GPU (short_attention.py, long_attention.py)
     precision: str = "32"  # compute dtype: 32, 16 (float16) or bf16; weights stay float32
 
     # --- optimisation ---

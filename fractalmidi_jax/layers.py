@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fractalmidi_jax import short_attention
+from fractalmidi_jax import long_attention, short_attention
 
 xavier_uniform = nnx.initializers.xavier_uniform()
 embedding_init = nnx.initializers.normal(stddev=0.02)
@@ -74,7 +74,7 @@ class Attention(nnx.Module):
     ):
         self.num_heads = num_heads
         self.attn_dropout = attn_dropout
-        self.fused = fused  # short sequences without a cache through short_attention's kernels
+        self.fused = fused  # attention without a cache through short_ or long_attention's kernels
         self.qkv = dense(dim, 3 * dim, dtype, rngs)
         self.proj = dense(dim, dim, dtype, rngs)
 
@@ -90,11 +90,14 @@ class Attention(nnx.Module):
         if t == 1 and cache is None:
             v_NxTxD = x_NxTxD @ kernel[:, 2 * d :] + bias[2 * d :]
             return self.proj(v_NxTxD), cache
-        if self.fused and cache is None and short_attention.supported(t, d // heads):
+        kernels = next(
+            (m for m in (short_attention, long_attention) if self.fused and m.supported(t, d // heads)), None
+        )
+        if kernels is not None and cache is None:
             mask = np.ones((t, t), bool) if mask_TxS is None else np.asarray(mask_TxS, bool)
             use_dropout = rng is not None and self.attn_dropout > 0
             seed = jax.random.bits(rng, (), jnp.uint32) if use_dropout else jnp.uint32(0)
-            y_NxTxD = short_attention.fused_attention(
+            y_NxTxD = kernels.fused_attention(
                 x_NxTxD @ kernel + bias,
                 heads,
                 mask,

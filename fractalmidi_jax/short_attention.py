@@ -192,17 +192,24 @@ def fused_attention(qkv_NxTx3D, heads: int, mask_TxT: np.ndarray, rate: float, s
     """N x T x D attention outputs from the packed N x T x 3D q, k, v (`reference`'s result).
     `mask_TxT`: a static boolean array (all True for full attention); `seed`: uint32 (traced)."""
     mask = tuple(map(tuple, np.asarray(mask_TxT, bool).tolist()))  # static arguments are hashed
-    seed = jnp.asarray(seed, jnp.uint32)
+    run = lambda qkv, seed, first_row: _fused(qkv, heads, mask, rate, seed, first_row, interpret)
+    return split_over_devices(run, qkv_NxTx3D, jnp.asarray(seed, jnp.uint32))
+
+
+def split_over_devices(run, qkv_NxTx3D, seed):
+    """`run(qkv, seed, first_row)` on all sequences, or, on a mesh whose `data` axis has several
+    devices, under `shard_map` on each device's own sequences (padded to a multiple of the
+    devices), `first_row` its first global row, so dropout draws the same masks on any number."""
     mesh = jax.sharding.get_abstract_mesh()
     shards = 1 if mesh.empty else dict(mesh.shape).get(DATA_AXIS, 1)
     if shards == 1:
-        return _fused(qkv_NxTx3D, heads, mask, rate, seed, jnp.uint32(0), interpret)
+        return run(qkv_NxTx3D, seed, jnp.uint32(0))
     n, t, _ = qkv_NxTx3D.shape
     padded = jnp.pad(qkv_NxTx3D, ((0, -n % shards), (0, 0), (0, 0)))
 
     def on_each_device(qkv_local, seed):
         first_row = jax.lax.axis_index(DATA_AXIS).astype(jnp.uint32) * (qkv_local.shape[0] * t)
-        return _fused(qkv_local, heads, mask, rate, seed, first_row, interpret)
+        return run(qkv_local, seed, first_row)
 
     rows, whole = PartitionSpec(DATA_AXIS), PartitionSpec()
     sharded = jax.shard_map(
