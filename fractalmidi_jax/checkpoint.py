@@ -104,7 +104,10 @@ def read_config(path: Path) -> dict:
         raise CheckpointError(
             f"{Path(path) / META} holds no config: the checkpoint is damaged; use another one"
         )
-    return dict(FIELDS_BEFORE_THEY_EXISTED, **config)
+    config = dict(FIELDS_BEFORE_THEY_EXISTED, **config)
+    if isinstance(config.get("fused_attention"), bool):  # before it named where the kernels run
+        del config["fused_attention"]  # how attention ran is not the model: today's default applies
+    return config
 
 
 def _step_of(path: Path) -> int:

@@ -29,6 +29,7 @@ from fractalmidi_jax.roll import NUM_PITCHES
 GENERATOR_TYPES = ("mar", "ar", "column")
 SCAN_ORDERS = ("row_major", "column_major")
 PRECISIONS = ("32", "16", "bf16")
+FUSED_ATTENTION = ("gpu", "always", "never")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +74,7 @@ class Config:
     max_crop_length: int = 512  # widest roll the level-0 time positions cover (steps)
     grad_checkpoint: bool = False  # rematerialise transformer blocks in the backward pass
     scan_layers: bool = False  # run level 0's blocks under lax.scan: compiles faster, steps slower
-    fused_attention: bool = False  # attention without a KV cache in Pallas kernels on the GPU (short_attention.py, long_attention.py)
+    fused_attention: str = "gpu"  # attention without a KV cache in Pallas kernels: gpu (there only), always (interpreted off it: slow), never
     precision: str = "32"  # compute dtype: 32, 16 (float16) or bf16; weights stay float32
 
     # --- optimisation ---
@@ -118,6 +119,15 @@ class Config:
 
         return {"32": jnp.float32, "16": jnp.float16, "bf16": jnp.bfloat16}[self.precision]
 
+    def attention_kernels(self) -> bool:
+        """Whether attention without a KV cache runs in short_ and long_attention.py's kernels here
+        (they compute what XLA's attention does; off the GPU they run interpreted, far slower)."""
+        import jax
+
+        return self.fused_attention == "always" or (
+            self.fused_attention == "gpu" and jax.default_backend() == "gpu"
+        )
+
     def replace(self, **changes) -> "Config":
         return dataclasses.replace(self, **changes)
 
@@ -145,6 +155,10 @@ class Config:
             errors.append(f"scan_order is {self.scan_order!r}; use one of {', '.join(SCAN_ORDERS)}")
         if self.roll not in ROLL_KINDS:
             errors.append(f"roll is {self.roll!r}; use one of {', '.join(ROLL_KINDS)}")
+        if self.fused_attention not in FUSED_ATTENTION:
+            errors.append(
+                f"fused_attention is {self.fused_attention!r}; use one of {', '.join(FUSED_ATTENTION)}"
+            )
         if self.precision not in PRECISIONS:
             errors.append(f"precision is {self.precision!r}; use one of {', '.join(PRECISIONS)}")
         if n < 2:
@@ -313,8 +327,8 @@ def cache_root() -> Path:
 
 # XLA flags the training command sets for its process (XLA reads XLA_FLAGS once, when JAX starts
 # its backend), unless XLA_FLAGS already names them. CUDA graphs of any length: by default XLA
-# launches runs of fewer than 5 kernels one by one from the host; with --fused_attention (whose
-# kernels presumably split the graphs) a batch-16 step took 18-23 ms for 15.7 ms of GPU work,
+# launches runs of fewer than 5 kernels one by one from the host; with the Pallas attention
+# kernels (which presumably split the graphs) a batch-16 step took 18-23 ms for 15.7 ms of GPU work,
 # 17-18.5 ms with this. The sampler was slower with it, so generate.py does not set it (BENCHMARKS.md).
 PROCESS_XLA_FLAGS = {"xla_gpu_graph_min_graph_size": "1"}
 

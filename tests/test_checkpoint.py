@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from fractalmidi_jax import checkpoint as ckpt
+from fractalmidi_jax.config import from_dict
 
 VAL_LOSSES = {1: 0.5, 2: 0.3, 3: 0.4, 4: 0.2, 5: 0.6}  # step -> validation loss
 
@@ -163,3 +164,11 @@ def test_meta_json_is_written_after_the_state(tmp_path):
     manager.close()
     assert json.loads((path / ckpt.META).read_text())["note"] == "x"
     assert ckpt.resolve(tmp_path / "latest") == path.resolve()
+
+
+def test_a_checkpoint_from_when_fused_attention_was_a_bool_takes_todays_default(tmp_path):
+    """meta.json files written when fused_attention was true/false still load: how attention ran
+    does not change the model, so the default applies."""
+    for old in (True, False):
+        (tmp_path / ckpt.META).write_text(json.dumps({"step": 1, "config": {"fused_attention": old}}))
+        assert from_dict(ckpt.read_config(tmp_path)).validate().fused_attention == "gpu"

@@ -64,6 +64,7 @@ def test_unreadable_flag_value_names_the_field(capsys):
         (dict(scan_order="diagonal"), "scan_order"),
         (dict(crop_length=130), "crop_length=130"),
         (dict(precision="fp8"), "precision"),
+        (dict(fused_attention="True"), "fused_attention is 'True'; use one of gpu, always, never"),
         (dict(num_iter_list=(12, 8, 4)), "num_iter_list"),
         (dict(devices="gpu"), "devices='gpu'"),
         (dict(temperature=0.0), "temperature=0.0 must be positive"),
@@ -158,3 +159,11 @@ def test_process_xla_flags_are_added_unless_given(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_graph_min_graph_size=5")
     set_xla_flags()
     assert os.environ["XLA_FLAGS"] == "--xla_gpu_graph_min_graph_size=5"
+
+
+@pytest.mark.parametrize("choice, kernels", [("gpu", False), ("always", True), ("never", False)])
+def test_fused_attention_names_where_the_kernels_run(choice, kernels):
+    """The default runs the Pallas kernels on the GPU only: the tests' CPU gets XLA's attention
+    unless a test asks for the kernels (interpreted) with "always"."""
+    assert Config().fused_attention == "gpu"
+    assert Config(fused_attention=choice).validate().attention_kernels() is kernels

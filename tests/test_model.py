@@ -750,7 +750,7 @@ def test_fused_attention_gives_the_same_loss_and_gradients():
     kernels, interpreted off the GPU), not what it computes."""
     levels = dict(generator_types=("mar", "column", "column"), embed_dim_list=(32, 32, 32, 16))
     loss, grads = loss_and_grads(**levels)
-    loss_fused, grads_fused = loss_and_grads(fused_attention=True, **levels)
+    loss_fused, grads_fused = loss_and_grads(fused_attention="always", **levels)
     assert np.isfinite(loss)
     np.testing.assert_allclose(loss_fused, loss, rtol=1e-5)
     for g, g_fused in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_fused)):

@@ -117,7 +117,7 @@ def runs(config, tmp_path_factory) -> Path:
 
 # With fused_attention the column levels' attention runs in short_attention's kernels, split over
 # the devices by shard_map (with dropout on, so its masks must agree too).
-FUSED = dict(fused_attention=True, embed_dim_list=(32, 32, 32, 16), attn_dropout=0.1)
+FUSED = dict(fused_attention="always", embed_dim_list=(32, 32, 32, 16), attn_dropout=0.1)
 
 
 @pytest.mark.parametrize("changes", [{}, FUSED], ids=["xla_attention", "fused_attention"])
