@@ -6,6 +6,8 @@ Softmax and layer-norm statistics are computed in float32.
 Dropout takes an explicit key (None = off), so a loss is a pure function of its key.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,13 +29,19 @@ def layer_norm(dim: int, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
 
 
 def dropout(x, rate: float, rng):
-    """Inverted dropout with 8-bit random draws (four per 32-bit word: random bits are the
-    costly part on GPU). The rate is rounded to a multiple of 1/256; the scale matches it."""
+    """Inverted dropout with 8-bit draws, four per 32-bit word of a counter hash
+    (short_attention.hash32) keyed by a seed from `rng`. The rate is rounded to a multiple of
+    1/256; the scale matches it. The words are one array (optimization_barrier): fused into
+    their consumers XLA would hash once per element and on both passes, which measured slower
+    than jax.random.bits' threefry words; as an array they cost less than threefry's (BENCHMARKS.md)."""
     if rng is None or rate == 0.0:
         return x
     threshold = round(rate * 256)
     last = x.shape[-1]
-    words = jax.random.bits(rng, x.shape[:-1] + (-(-last // 4),), jnp.uint32)
+    words_shape = x.shape[:-1] + (-(-last // 4),)
+    seed = jax.random.bits(rng, (), jnp.uint32) * jnp.uint32(0x9E3779B9)
+    counter = jnp.arange(math.prod(words_shape), dtype=jnp.uint32).reshape(words_shape)
+    words = jax.lax.optimization_barrier(short_attention.hash32(counter ^ seed))
     draws = jax.lax.bitcast_convert_type(words, jnp.uint8).reshape(x.shape[:-1] + (-1,))[..., :last]
     return jnp.where(draws >= threshold, x * (256 / (256 - threshold)), 0).astype(x.dtype)
 

@@ -51,8 +51,9 @@ def supported(seq_len: int, head_dim: int) -> bool:
     return 2 * seq_len <= FORWARD_BLOCK and seq_len <= BACKWARD_BLOCK and head_dim in (16, 32, 64, 128)
 
 
-def _hash(x):
-    """A 32-bit integer mix (murmur3's finaliser): neighbouring counters give unrelated bits."""
+def hash32(x):
+    """A 32-bit integer mix (murmur3's finaliser): neighbouring counters give unrelated bits.
+    Dropout's draws, here and in layers.dropout."""
     x = x ^ (x >> 16)
     x = x * jnp.uint32(0x85EBCA6B)
     x = x ^ (x >> 13)
@@ -67,7 +68,7 @@ def keep_mask(seed, query_rows, key_positions, head, seq_len: int, heads: int, r
     threshold = round(rate * 256)
     as_uint = lambda x: jnp.asarray(x).astype(jnp.uint32)
     counter = (as_uint(query_rows) * seq_len + as_uint(key_positions)) * heads + as_uint(head)
-    bits = _hash(counter ^ (as_uint(seed) * jnp.uint32(0x9E3779B9)))
+    bits = hash32(counter ^ (as_uint(seed) * jnp.uint32(0x9E3779B9)))
     return (bits >> 24) >= threshold
 
 

@@ -1,12 +1,12 @@
-"""The transformer pieces: hand-written backward passes against autodiff, and the dtypes the
-products run in."""
+"""The transformer pieces: hand-written backward passes against autodiff, the dtypes the
+products run in, and dropout's draws."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fractalmidi_jax.layers import Attention, project_qkv
+from fractalmidi_jax.layers import Attention, dropout, project_qkv
 
 
 def _inputs(dtype, *shapes):
@@ -67,3 +67,25 @@ def test_attention_multiplies_in_the_compute_dtype_forward_and_backward():
     )
     assert all(bool(jnp.all(jnp.isfinite(g.astype(jnp.float32)))) for g in jax.tree.leaves(grads))
     np.testing.assert_allclose(grads[1].astype(jnp.float32), reference[1], rtol=0.1, atol=0.1)
+
+
+def test_dropout_drops_the_rounded_rate_independently_and_keeps_the_mean():
+    """Each element is dropped with probability round(rate x 256) / 256, independently of its
+    neighbours and of other keys' draws; kept ones are scaled so the mean holds, the same key
+    draws the same mask, and the gradient passes where the value did."""
+    x = jnp.ones((64, 33, 50))  # a last axis that is not a multiple of 4 bytes per word
+    rate = 0.25
+    y = dropout(x, rate, jax.random.key(0))
+    dropped = np.asarray(y == 0)
+    assert abs(dropped.mean() - 64 / 256) < 0.005
+    assert abs(float(y.mean()) - 1.0) < 0.01
+    np.testing.assert_array_equal(y, dropout(x, rate, jax.random.key(0)))
+    other = np.asarray(dropout(x, rate, jax.random.key(1)) == 0)
+    assert abs((dropped & other).mean() - 0.25**2) < 0.005
+    for axis in range(3):  # neighbours along every axis are uncorrelated
+        a, b = np.moveaxis(dropped, axis, 0)[:-1], np.moveaxis(dropped, axis, 0)[1:]
+        assert abs(np.corrcoef(a.ravel(), b.ravel())[0, 1]) < 0.02
+    weights = jnp.arange(50.0)
+    grad = jax.grad(lambda x: (dropout(x, rate, jax.random.key(0)) * weights).sum())(x)
+    np.testing.assert_allclose(grad, np.where(dropped, 0.0, weights / (1 - rate)), rtol=1e-6)
+    assert dropout(x, rate, None) is x and dropout(x, 0.0, jax.random.key(0)) is x
