@@ -40,7 +40,11 @@ def dropout(x, rate: float, rng):
     last = x.shape[-1]
     words_shape = x.shape[:-1] + (-(-last // 4),)
     seed = jax.random.bits(rng, (), jnp.uint32) * jnp.uint32(0x9E3779B9)
-    counter = jnp.arange(math.prod(words_shape), dtype=jnp.uint32).reshape(words_shape)
+    counter = sum(  # each word's flat index, wrapping past 2**32 words (17 G elements)
+        jax.lax.broadcasted_iota(jnp.uint32, words_shape, axis)
+        * np.uint32(math.prod(words_shape[axis + 1 :]) % 2**32)
+        for axis in range(len(words_shape))
+    )
     words = jax.lax.optimization_barrier(short_attention.hash32(counter ^ seed))
     draws = jax.lax.bitcast_convert_type(words, jnp.uint8).reshape(x.shape[:-1] + (-1,))[..., :last]
     return jnp.where(draws >= threshold, x * (256 / (256 - threshold)), 0).astype(x.dtype)
