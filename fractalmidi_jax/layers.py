@@ -30,7 +30,7 @@ def layer_norm(dim: int, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
 
 def dropout(x, rate: float, rng):
     """Inverted dropout with 8-bit draws, four per 32-bit word of a counter hash
-    (short_attention.hash32) keyed by a seed from `rng`. The rate is rounded to a multiple of
+    (short_attention.seeded_bits) keyed by a seed from `rng`. The rate is rounded to a multiple of
     1/256; the scale matches it. The words are one array (optimization_barrier): fused into
     their consumers XLA would hash once per element and on both passes, which measured slower
     than jax.random.bits' threefry words; as an array they cost less than threefry's (BENCHMARKS.md)."""
@@ -39,13 +39,13 @@ def dropout(x, rate: float, rng):
     threshold = round(rate * 256)
     last = x.shape[-1]
     words_shape = x.shape[:-1] + (-(-last // 4),)
-    seed = jax.random.bits(rng, (), jnp.uint32) * jnp.uint32(0x9E3779B9)
     counter = sum(  # each word's flat index, wrapping past 2**32 words (17 G elements)
         jax.lax.broadcasted_iota(jnp.uint32, words_shape, axis)
         * np.uint32(math.prod(words_shape[axis + 1 :]) % 2**32)
         for axis in range(len(words_shape))
     )
-    words = jax.lax.optimization_barrier(short_attention.hash32(counter ^ seed))
+    seed = jax.random.bits(rng, (), jnp.uint32)
+    words = jax.lax.optimization_barrier(short_attention.seeded_bits(seed, counter))
     draws = jax.lax.bitcast_convert_type(words, jnp.uint8).reshape(x.shape[:-1] + (-1,))[..., :last]
     return jnp.where(draws >= threshold, x * (256 / (256 - threshold)), 0).astype(x.dtype)
 

@@ -51,14 +51,19 @@ def supported(seq_len: int, head_dim: int) -> bool:
     return 2 * seq_len <= FORWARD_BLOCK and seq_len <= BACKWARD_BLOCK and head_dim in (16, 32, 64, 128)
 
 
-def hash32(x):
-    """A 32-bit integer mix (murmur3's finaliser): neighbouring counters give unrelated bits.
-    Dropout's draws, here and in layers.dropout."""
+def _hash(x):
+    """A 32-bit integer mix (murmur3's finaliser): neighbouring counters give unrelated bits."""
     x = x ^ (x >> 16)
     x = x * jnp.uint32(0x85EBCA6B)
     x = x ^ (x >> 13)
     x = x * jnp.uint32(0xC2B2AE35)
     return x ^ (x >> 16)
+
+
+def seeded_bits(seed, counter):
+    """32 random-looking bits per uint32 counter under a seed: dropout's draws, here and in
+    layers.dropout."""
+    return _hash(counter ^ (jnp.asarray(seed).astype(jnp.uint32) * jnp.uint32(0x9E3779B9)))
 
 
 def keep_mask(seed, query_rows, key_positions, head, seq_len: int, heads: int, rate: float):
@@ -68,7 +73,7 @@ def keep_mask(seed, query_rows, key_positions, head, seq_len: int, heads: int, r
     threshold = round(rate * 256)
     as_uint = lambda x: jnp.asarray(x).astype(jnp.uint32)
     counter = (as_uint(query_rows) * seq_len + as_uint(key_positions)) * heads + as_uint(head)
-    bits = hash32(counter ^ (as_uint(seed) * jnp.uint32(0x9E3779B9)))
+    bits = seeded_bits(seed, counter)
     return (bits >> 24) >= threshold
 
 
