@@ -487,7 +487,6 @@ CONFIG_FLAGS = {
     "skip_empty_capacity": "sampling slots per pass, of the patches drawn (sparse.py); also for --checkpoint",
     "skip_empty_round_buckets": "level-0 round shapes compiled when skipping (mar.py); also for --checkpoint",
     "fused_attention": "attention in short_ and long_attention.py's Pallas kernels: gpu, always or never (XLA's)",
-    "fused_mlp": "narrow blocks' MLP half in fused_mlp.py's Pallas kernels: gpu, always or never (XLA's)",
     "scan_layers": "level 0's blocks under lax.scan (see config.py)",
 }
 SAMPLING_FLAGS = ("skip_empty_capacity", "skip_empty_round_buckets")  # also applied to --checkpoint

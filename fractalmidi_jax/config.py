@@ -29,7 +29,7 @@ from fractalmidi_jax.roll import NUM_PITCHES
 GENERATOR_TYPES = ("mar", "ar", "column")
 SCAN_ORDERS = ("row_major", "column_major")
 PRECISIONS = ("32", "16", "bf16")
-KERNEL_CHOICES = ("gpu", "always", "never")  # where a computation runs in Pallas kernels
+FUSED_ATTENTION = ("gpu", "always", "never")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +75,6 @@ class Config:
     grad_checkpoint: bool = False  # rematerialise transformer blocks in the backward pass
     scan_layers: bool = False  # run level 0's blocks under lax.scan: compiles faster, steps slower
     fused_attention: str = "gpu"  # attention without a KV cache in Pallas kernels: gpu (there only), always (interpreted off it: slow), never
-    fused_mlp: str = "gpu"  # the MLP half of blocks 64-256 wide without a KV cache in Pallas kernels (fused_mlp.py): gpu, always, never
     precision: str = "32"  # compute dtype: 32, 16 (float16) or bf16; weights stay float32
 
     # --- optimisation ---
@@ -120,13 +119,14 @@ class Config:
 
         return {"32": jnp.float32, "16": jnp.float16, "bf16": jnp.bfloat16}[self.precision]
 
-    def kernels(self, choice: str) -> bool:
-        """Whether a computation whose field (fused_attention, fused_mlp) says `choice` runs in its
-        Pallas kernels here (they compute what XLA does; off the GPU they run interpreted, far
-        slower)."""
+    def attention_kernels(self) -> bool:
+        """Whether attention without a KV cache runs in short_ and long_attention.py's kernels here
+        (they compute what XLA's attention does; off the GPU they run interpreted, far slower)."""
         import jax
 
-        return choice == "always" or (choice == "gpu" and jax.default_backend() == "gpu")
+        return self.fused_attention == "always" or (
+            self.fused_attention == "gpu" and jax.default_backend() == "gpu"
+        )
 
     def replace(self, **changes) -> "Config":
         return dataclasses.replace(self, **changes)
@@ -155,9 +155,10 @@ class Config:
             errors.append(f"scan_order is {self.scan_order!r}; use one of {', '.join(SCAN_ORDERS)}")
         if self.roll not in ROLL_KINDS:
             errors.append(f"roll is {self.roll!r}; use one of {', '.join(ROLL_KINDS)}")
-        for name in ("fused_attention", "fused_mlp"):
-            if getattr(self, name) not in KERNEL_CHOICES:
-                errors.append(f"{name} is {getattr(self, name)!r}; use one of {', '.join(KERNEL_CHOICES)}")
+        if self.fused_attention not in FUSED_ATTENTION:
+            errors.append(
+                f"fused_attention is {self.fused_attention!r}; use one of {', '.join(FUSED_ATTENTION)}"
+            )
         if self.precision not in PRECISIONS:
             errors.append(f"precision is {self.precision!r}; use one of {', '.join(PRECISIONS)}")
         if n < 2:

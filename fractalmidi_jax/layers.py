@@ -13,7 +13,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fractalmidi_jax import fused_mlp as mlp_kernels
 from fractalmidi_jax import long_attention, short_attention
 
 xavier_uniform = nnx.initializers.xavier_uniform()
@@ -149,23 +148,12 @@ class Mlp(nnx.Module):
 
 
 class Block(nnx.Module):
-    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x)); with `fused_mlp`
-    the second half runs in fused_mlp.py's kernels where the widths suit them (no KV cache)."""
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
     def __init__(
-        self,
-        dim,
-        num_heads,
-        attn_dropout,
-        proj_dropout,
-        dtype,
-        rngs,
-        mlp_ratio=4.0,
-        fused_attention=False,
-        fused_mlp=False,
+        self, dim, num_heads, attn_dropout, proj_dropout, dtype, rngs, mlp_ratio=4.0, fused_attention=False
     ):
         self.proj_dropout = proj_dropout
-        self.fused_mlp = fused_mlp and mlp_kernels.supported(dim, int(dim * mlp_ratio))
         self.norm1 = layer_norm(dim, dtype, rngs)
         self.attn = Attention(dim, num_heads, attn_dropout, dtype, rngs, fused_attention)
         self.norm2 = layer_norm(dim, dtype, rngs)
@@ -175,12 +163,6 @@ class Block(nnx.Module):
         attn_rng, drop1, mlp_rng, drop2 = split_key(rng, 4)
         y, cache = self.attn(self.norm1(x), mask, cache, cache_index, attn_rng)
         x = x + dropout(y, self.proj_dropout, drop1)
-        if self.fused_mlp and cache is None:
-            weights = (self.norm2.scale, self.norm2.bias, self.mlp.fc1.kernel, self.mlp.fc1.bias)
-            weights += (self.mlp.fc2.kernel, self.mlp.fc2.bias)
-            interpret = jax.default_backend() != "gpu"
-            y = mlp_kernels.residual_mlp(x, [w[...] for w in weights], self.proj_dropout, mlp_rng, interpret)
-            return y, cache
         y = self.mlp(self.norm2(x), mlp_rng, self.proj_dropout)
         return x + dropout(y, self.proj_dropout, drop2), cache
 
@@ -205,7 +187,6 @@ class Transformer(nnx.Module):
         remat=False,
         scan=False,
         fused_attention=False,
-        fused_mlp=False,
     ):
         self.remat = remat
         self.scan = scan
@@ -218,14 +199,7 @@ class Transformer(nnx.Module):
         @nnx.vmap(in_axes=(0,), out_axes=0)
         def make_blocks(rngs):
             return Block(
-                dim,
-                num_heads,
-                attn_dropout,
-                proj_dropout,
-                dtype,
-                rngs,
-                fused_attention=fused_attention,
-                fused_mlp=fused_mlp,
+                dim, num_heads, attn_dropout, proj_dropout, dtype, rngs, fused_attention=fused_attention
             )
 
         self.blocks = make_blocks(rngs)

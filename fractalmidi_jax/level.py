@@ -118,8 +118,7 @@ class LevelTrunk(nnx.Module):
             rngs,
             remat=config.grad_checkpoint,
             scan=config.scan_layers and level == 0,
-            fused_attention=config.kernels(config.fused_attention),
-            fused_mlp=config.kernels(config.fused_mlp),
+            fused_attention=config.attention_kernels(),
         )
 
     def grid(self, cols: int | None = None) -> grid_lib.Grid:

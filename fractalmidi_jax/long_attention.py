@@ -235,4 +235,4 @@ def fused_attention(qkv_NxTx3D, heads: int, mask_TxT: np.ndarray, rate: float, s
     result). `mask_TxT`: a static boolean array; `seed`: uint32 (traced)."""
     mask = tuple(map(tuple, np.asarray(mask_TxT, bool).tolist()))
     run = lambda qkv, seed, first_row: _fused(qkv, heads, mask, rate, seed, first_row, interpret)
-    return split_over_devices(run, (qkv_NxTx3D,), jnp.asarray(seed, jnp.uint32))[: qkv_NxTx3D.shape[0]]
+    return split_over_devices(run, qkv_NxTx3D, jnp.asarray(seed, jnp.uint32))

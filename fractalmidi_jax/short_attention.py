@@ -199,32 +199,29 @@ def fused_attention(qkv_NxTx3D, heads: int, mask_TxT: np.ndarray, rate: float, s
     `mask_TxT`: a static boolean array (all True for full attention); `seed`: uint32 (traced)."""
     mask = tuple(map(tuple, np.asarray(mask_TxT, bool).tolist()))  # static arguments are hashed
     run = lambda qkv, seed, first_row: _fused(qkv, heads, mask, rate, seed, first_row, interpret)
-    return split_over_devices(run, (qkv_NxTx3D,), jnp.asarray(seed, jnp.uint32))[: qkv_NxTx3D.shape[0]]
+    return split_over_devices(run, qkv_NxTx3D, jnp.asarray(seed, jnp.uint32))
 
 
-def split_over_devices(run, row_arrays, seed, replicated=()):
-    """`run(*row_arrays, seed, first_row, *replicated)` on all sequences (the row arrays' leading
-    axis), or, on a mesh whose `data` axis has several devices, under `shard_map` on each
-    device's own sequences (padded with zeros to a multiple of the devices), `first_row` its
-    first global row, so dropout draws the same masks on any number. Every output is
-    concatenated over the devices on its leading axis: callers cut the padding off."""
+def split_over_devices(run, qkv_NxTx3D, seed):
+    """`run(qkv, seed, first_row)` on all sequences, or, on a mesh whose `data` axis has several
+    devices, under `shard_map` on each device's own sequences (padded to a multiple of the
+    devices), `first_row` its first global row, so dropout draws the same masks on any number."""
     mesh = jax.sharding.get_abstract_mesh()
     shards = 1 if mesh.empty else dict(mesh.shape).get(DATA_AXIS, 1)
     if shards == 1:
-        return run(*row_arrays, seed, jnp.uint32(0), *replicated)
-    n, t = row_arrays[0].shape[:2]
-    pad = lambda x: jnp.pad(x, ((0, -n % shards),) + ((0, 0),) * (x.ndim - 1))
+        return run(qkv_NxTx3D, seed, jnp.uint32(0))
+    n, t, _ = qkv_NxTx3D.shape
+    padded = jnp.pad(qkv_NxTx3D, ((0, -n % shards), (0, 0), (0, 0)))
 
-    def on_each_device(row_arrays, seed, replicated):
-        local = row_arrays[0].shape[0]
-        first_row = jax.lax.axis_index(DATA_AXIS).astype(jnp.uint32) * (local * t)
-        return run(*row_arrays, seed, first_row, *replicated)
+    def on_each_device(qkv_local, seed):
+        first_row = jax.lax.axis_index(DATA_AXIS).astype(jnp.uint32) * (qkv_local.shape[0] * t)
+        return run(qkv_local, seed, first_row)
 
     rows, whole = PartitionSpec(DATA_AXIS), PartitionSpec()
     sharded = jax.shard_map(
-        on_each_device, mesh=mesh, in_specs=(rows, whole, whole), out_specs=rows, check_vma=False
+        on_each_device, mesh=mesh, in_specs=(rows, whole), out_specs=rows, check_vma=False
     )
-    return sharded(tuple(map(pad, row_arrays)), seed, tuple(replicated))
+    return sharded(padded, seed)[:n]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 6))
